@@ -1,0 +1,156 @@
+"""Defaults shared by every family: the model schema and the training setup.
+
+A family file (configs/llama3.py, ...) starts from `get_base_config()` and lists only
+what differs. Every field has one default and one comment here.
+
+    cfg = configs.base.get_base_config()
+    cfg.model.num_layers = 4
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def model_defaults() -> mlc.ConfigDict:
+    m = mlc.ConfigDict()
+    m.family = "llama"               # free-form name of the family (for HF export, logs)
+    m.kind = "decoder"               # decoder | encoder | encoder_decoder
+    m.vocab_size = 256               # byte-level by default
+    m.d_model = 64                   # residual stream width ("embed")
+    m.num_layers = 2                 # decoder layers (encoder layers for kind=encoder)
+    m.num_encoder_layers = 0         # encoder layers of an encoder_decoder model
+    m.num_heads = 4                  # query heads
+    m.num_kv_heads = 2               # key/value heads (GQA: divides num_heads; 1 = MQA)
+    m.head_dim = 16                  # per-head width of q/k (and v unless MLA)
+    m.mlp_dim = 128                  # hidden width of the dense MLP
+    m.max_seq_len = 256              # longest sequence the model accepts
+    m.dtype = "float32"              # compute dtype (bf16 on accelerators)
+    m.param_dtype = "float32"        # parameters are kept in f32
+    # Norms.
+    m.norm = "rmsnorm"               # rmsnorm | layernorm
+    m.norm_eps = 1e-6
+    m.norm_bias = True               # layernorm only: learn a bias
+    m.rmsnorm_unit_offset = False    # Gemma: scale by (1 + w), w initialised at 0
+    m.norm_placement = "pre"         # pre | post | sandwich (Gemma) | olmo2 (norm on branch output)
+    # MLP.
+    m.activation = "swiglu"          # swiglu | geglu | gelu | gelu_tanh | relu | relu2 | silu
+    m.mlp_bias = False
+    # Attention.
+    m.attention_impl = "auto"        # see pallas_kernels.flash_attention.api.IMPLS
+    m.causal = True                  # False for encoders
+    m.attn_bias = False              # bias on q/k/v projections (Qwen 2)
+    m.attn_out_bias = False          # bias on the output projection (GPT-2)
+    m.qk_norm = False                # RMSNorm on per-head q and k (OLMo 2, Qwen 3, Gemma 3)
+    m.qk_norm_per_head = True        # False: OLMo 2 style norm over all heads jointly
+    m.logit_soft_cap = None          # Gemma 2 attention logit soft-cap
+    m.final_logit_soft_cap = None    # Gemma 2 output logit soft-cap
+    m.attention_sinks = False        # learned per-head sink logit in the softmax denominator
+    m.query_pre_attn_scalar = None   # softmax scale 1/sqrt(this) instead of 1/sqrt(head_dim)
+    m.sliding_window = None          # window for "local" layers (tokens seen incl. self)
+    m.chunk_size = None              # window for "chunked" layers (Llama 4 chunked attention)
+    # Per-layer attention kinds, repeated to num_layers: "global", "local" (sliding
+    # window), "nope" (global, no RoPE: SmolLM 3, Llama 4), "chunked". Gemma 3: 5 local : 1 global.
+    m.layer_pattern = ("global",)
+    # Positions.
+    m.position_embedding = "rope"    # rope | learned | sinusoidal | none
+    m.rope_theta = 10000.0
+    m.rope_local_theta = None        # Gemma 3: local layers use a different base (10k)
+    m.rope_fraction = 1.0            # partial rotary: rotate this fraction of head_dim
+    m.rope_interleaved = False       # False: rotate-half (Llama/HF); True: GPT-J pairs
+    m.rope_scaling = None            # None or dict(type=linear|ntk|dynamic_ntk|yarn|llama3, ...)
+    m.rope_local_scaling = False     # apply rope_scaling on local layers too
+    # Embeddings and head.
+    m.tie_embeddings = False
+    m.embed_scale = False            # Gemma: multiply embeddings by sqrt(d_model)
+    m.final_norm = True
+    # MLA (DeepSeek-V2/V3, Kimi K2): None or a dict, see arch/mla.py.
+    m.mla = None
+    # MoE: None or a dict, see arch/moe.py.
+    m.moe = None
+    # Execution.
+    m.scan_layers = False            # nnx.scan over identical layers instead of a list
+    m.remat = "none"                 # none | full | dots_saveable
+    m.track_max_logits = False       # report per-head max attention logits (QK-Clip)
+    m.init_std = 0.02
+    m.dropout = 0.0
+    return m
+
+
+def mla_defaults() -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(
+        q_lora_rank=None,            # None: full-rank query projection (DeepSeek-V2-Lite)
+        kv_lora_rank=32,             # compressed KV width (the cached latent)
+        qk_nope_head_dim=16,         # per-head q/k width without RoPE
+        qk_rope_head_dim=8,          # decoupled RoPE width; the key part is shared by heads
+        v_head_dim=16,               # per-head value width
+    ))
+
+
+def moe_defaults() -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(
+        num_experts=8,               # routed experts
+        top_k=2,                     # experts per token
+        expert_mlp_dim=64,           # hidden width of each routed expert
+        num_shared_experts=0,        # always-on experts (DeepSeek), width shared_mlp_dim each
+        shared_mlp_dim=None,         # None: expert_mlp_dim
+        score_func="softmax",        # softmax | sigmoid (DeepSeek-V3)
+        norm_topk_prob=True,         # renormalise the top-k weights to sum to 1
+        routed_scaling_factor=1.0,   # multiply routed output (DeepSeek-V3: 2.5)
+        n_group=1,                   # group-limited routing: expert groups
+        topk_group=1,                # groups kept per token
+        aux_loss_coef=0.0,           # alpha of alpha * E * sum_i f_i P_i
+        z_loss_coef=0.0,             # router z-loss coefficient
+        bias_update_rate=0.0,        # aux-loss-free balancing rate u (0 = off)
+        capacity_factor=None,        # None: dropless; float: token dropping at capacity
+        dispatch="dropless",         # dropless (sort + ragged_dot) | capacity | dense (reference)
+        first_k_dense=0,             # first k layers use a dense MLP (DeepSeek-V3: 3)
+        every=1,                     # MoE every n-th layer, others dense (Llama 4 Maverick: 2)
+        dense_mlp_dim=None,          # hidden width of the dense layers (None: model.mlp_dim)
+    ))
+
+
+def get_base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.model = model_defaults()
+    c.seed = 0
+    # Data.
+    c.data = mlc.ConfigDict(dict(
+        source="stdlib",             # stdlib (embedded corpus) | path to a file, dir, glob or .bin
+        val_source=None,             # separate validation source; None: split off the source
+        val_fraction=0.05,           # share of documents for validation when split
+        tokenizer="byte",            # byte | path to a tokenizer.json
+        seq_len=128,
+        batch_size=8,
+    ))
+    # Optimizer (see optim/).
+    c.optim = mlc.ConfigDict(dict(
+        name="adamw",                # adamw | muon | moonlight
+        lr=3e-3,
+        schedule="cosine",           # constant | cosine | wsd
+        warmup_steps=20,
+        decay_fraction=0.2,          # wsd: share of steps spent decaying
+        min_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        muon_momentum=0.95,
+        muon_nesterov=True,
+        qk_clip_tau=None,            # MuonClip threshold (Kimi K2: 100); None = off
+    ))
+    # Training.
+    c.train = mlc.ConfigDict(dict(
+        steps=200,
+        grad_accum=1,
+        z_loss=1e-4,
+        eval_every=100,
+        eval_batches=8,
+        log_every=10,
+        checkpoint_every=100,
+        keep_checkpoints=3,
+        sample_tokens=64,
+        sample_prompt="def ",
+    ))
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1))
+    return c

@@ -1,0 +1,142 @@
+"""`flash_attention`: the one public attention function, and its backend dispatch.
+
+    o = flash_attention(q, k, v, causal=True, impl="auto")   # q, k, v: [B, T, H, D]
+
+impl:
+  "auto"        Pallas GPU kernel on GPU, Pallas TPU kernel on TPU, reference on CPU.
+  "reference"   plain jnp (reference.py), differentiable by jax.
+  "pallas_gpu"  Pallas kernel for NVIDIA GPUs (interpret mode on CPU).
+  "pallas_tpu"  Pallas kernel for TPUs (interpret mode on CPU).
+  "cudnn"/"xla" `jax.nn.dot_product_attention` with that implementation (comparisons).
+
+A backend is a function with the signature of `flash_attention` minus `impl`; it raises
+`NotImplementedError` for a feature it lacks, and "auto" then falls back to the reference.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import reference
+
+IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu", "cudnn", "xla")
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+_BACKENDS: dict[str, Callable] = {}
+
+
+def register_backend(name: str, fn: Callable) -> None:
+    if name not in IMPLS:
+        raise ValueError(f"backend {name=} must be one of {IMPLS}")
+    _BACKENDS[name] = fn
+
+
+def _reference_backend(q, k, v, *, block_sizes=None, **kw):
+    del block_sizes
+    return reference.mha_reference(q, k, v, **kw)
+
+
+def _dot_product_attention_backend(implementation):
+    def run(q, k, v, *, causal, sliding_window, segment_ids, q_positions, kv_positions,
+            logit_soft_cap, sm_scale, sinks, block_sizes=None):
+        del block_sizes
+        if logit_soft_cap is not None or sinks is not None or q_positions is not None:
+            raise NotImplementedError("soft-cap, sinks and positions are not in jax.nn attention")
+        if segment_ids is not None or q.shape[1] != k.shape[1]:
+            raise NotImplementedError("segment ids / q_len != kv_len not supported here")
+        window = None if sliding_window is None else (
+            (sliding_window - 1, 0) if causal else (sliding_window - 1, sliding_window - 1))
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=sm_scale, is_causal=causal, local_window_size=window,
+            implementation=implementation)
+    return run
+
+
+register_backend("reference", _reference_backend)
+register_backend("xla", _dot_product_attention_backend("xla"))
+register_backend("cudnn", _dot_product_attention_backend("cudnn"))
+
+
+def _load_kernel_backends():
+    """Import the Pallas backends lazily (they register themselves)."""
+    for module in ("gpu", "tpu"):
+        try:
+            __import__(f"pallas_kernels.flash_attention.{module}")
+        except ImportError:
+            pass
+
+
+def _validate(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks, impl):
+    if impl not in IMPLS:
+        raise ValueError(f"{impl=} must be one of {IMPLS}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got {x.shape=}")
+        if x.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{name}.dtype={x.dtype} must be one of float32, bfloat16, float16")
+    b, tq, h, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch sizes differ: {q.shape=}, {k.shape=}, {v.shape=}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree on [batch, seq, kv_heads]: {k.shape=}, {v.shape=}")
+    if k.shape[3] != d:
+        raise ValueError(f"q and k head dims differ: {q.shape=}, {k.shape=}")
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads {h} must be divisible by kv heads {hkv}")
+    tk = k.shape[1]
+    q_seg, kv_seg = reference.split_segment_ids(segment_ids, tq, tk)
+    if q_seg is not None:
+        if q_seg.shape != (b, tq) or kv_seg.shape != (b, tk):
+            raise ValueError(
+                f"segment_ids must be [batch, seq] for q {(b, tq)} and kv {(b, tk)}; got "
+                f"{q_seg.shape} and {kv_seg.shape} (pass a (q_seg, kv_seg) pair when q_len != kv_len)")
+    if (q_positions is None) != (kv_positions is None):
+        raise ValueError("q_positions and kv_positions must be given together")
+    if q_positions is not None and (q_positions.shape != (b, tq) or kv_positions.shape != (b, tk)):
+        raise ValueError(f"positions must be [batch, seq]: {q_positions.shape=}, {kv_positions.shape=}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"{sliding_window=} must be a positive int or None")
+    if sinks is not None and sinks.shape != (h,):
+        raise ValueError(f"sinks must have shape [heads]=({h},), got {sinks.shape}")
+
+
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    sliding_window: int | None = None,
+    segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    logit_soft_cap: float | None = None,
+    sm_scale: float | None = None,
+    sinks=None,
+    impl: str = "auto",
+    block_sizes=None,
+):
+    """Attention over BTHD arrays; see reference.py for the exact mask semantics."""
+    _validate(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks, impl)
+    kw = dict(causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
+              q_positions=q_positions, kv_positions=kv_positions,
+              logit_soft_cap=logit_soft_cap, sm_scale=sm_scale, sinks=sinks)
+    if impl == "auto":
+        platform = jax.default_backend()
+        impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
+        if impl != "reference":
+            _load_kernel_backends()
+            if impl in _BACKENDS:
+                try:
+                    return _BACKENDS[impl](q, k, v, block_sizes=block_sizes, **kw)
+                except NotImplementedError:
+                    pass
+        return _reference_backend(q, k, v, **kw)
+    if impl not in _BACKENDS:
+        _load_kernel_backends()
+    if impl not in _BACKENDS:
+        raise ValueError(f"attention {impl=} is not available in this build; have {sorted(_BACKENDS)}")
+    return _BACKENDS[impl](q, k, v, block_sizes=block_sizes, **kw)
