@@ -1,0 +1,128 @@
+"""Multi-head attention with grouped KV heads, as modern decoders use it.
+
+MHA (Vaswani et al. 2017) has one K/V head per query head; MQA (Shazeer 2019) one K/V
+head for all; GQA (Ainslie et al. 2023) `num_kv_heads` groups. The kernels take K/V
+with their own head count, so nothing is repeated in memory.
+
+Per-layer options (config fields in configs/base.py):
+  layer kind   global | local (sliding window, Mistral/Gemma) | nope (no RoPE: SmolLM 3,
+               Llama 4) | chunked (attend within fixed chunks: Llama 4) — from
+               `layer_pattern`, e.g. Gemma 3's ("local",)*5 + ("global",).
+  qk_norm      RMSNorm on q and k before RoPE (OLMo 2 over all heads, Qwen 3/Gemma 3 per head).
+  soft-cap     cap * tanh(logits / cap) (Gemma 2).
+  sinks        a learned per-head logit in the softmax denominator (gpt-oss).
+
+    attn = Attention(cfg, rngs=nnx.Rngs(0))
+    y, aux = attn(x, positions=positions, segment_ids=segment_ids)
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from arch.common import Linear, check_choice, dtype_of, zeros_param
+from arch.norms import RMSNorm
+from arch.positional import POSITION_EMBEDDINGS, RoPE, rotary_dim
+from pallas_kernels.flash_attention import IMPLS
+from pallas_kernels.flash_attention.reference import max_logits_reference
+
+LAYER_KINDS = ("global", "local", "nope", "chunked")
+
+
+def layer_kind(cfg, layer_idx: int) -> str:
+    """The attention kind of a layer: `layer_pattern` repeated over the layers."""
+    pattern = tuple(cfg.layer_pattern)
+    return pattern[layer_idx % len(pattern)]
+
+
+def validate_attention_config(cfg) -> None:
+    """Fail at construction, naming the field, for anything the layers cannot build."""
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ValueError(f"model.num_heads={cfg.num_heads} must be divisible by "
+                         f"model.num_kv_heads={cfg.num_kv_heads}")
+    check_choice("model.attention_impl", cfg.attention_impl, IMPLS)
+    check_choice("model.position_embedding", cfg.position_embedding, POSITION_EMBEDDINGS)
+    for kind in cfg.layer_pattern:
+        check_choice("model.layer_pattern entry", kind, LAYER_KINDS)
+    if "local" in cfg.layer_pattern:
+        w = cfg.sliding_window
+        if not isinstance(w, int) or w < 1:
+            raise ValueError(f"model.sliding_window={w!r} must be a positive int for 'local' layers")
+        if w > cfg.max_seq_len:
+            raise ValueError(f"model.sliding_window={w} must not exceed model.max_seq_len={cfg.max_seq_len}")
+    if "chunked" in cfg.layer_pattern:
+        c = cfg.chunk_size
+        if not isinstance(c, int) or c < 1:
+            raise ValueError(f"model.chunk_size={c!r} must be a positive int for 'chunked' layers")
+
+
+def chunk_segment_ids(positions, segment_ids, chunk_size: int):
+    """Chunked attention as segments: tokens meet only inside the same document and chunk."""
+    chunk = positions // chunk_size
+    if segment_ids is None:
+        return chunk + 1
+    return segment_ids * (jnp.max(chunk) + 1) + chunk + 1
+
+
+class Attention(nnx.Module):
+    """Self-attention (or cross-attention with `kv_input`) over [B, T, D] activations."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, layer_kind: str = "global", cross: bool = False):
+        validate_attention_config(cfg)
+        check_choice("layer_kind", layer_kind, LAYER_KINDS)
+        self.cfg, self.kind, self.cross = cfg, layer_kind, cross
+        h, hkv, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+        kw = dict(rngs=rngs, std=cfg.init_std, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        self.q = Linear(d, (h, dh), in_axes=("embed",), out_axes=("heads", "head_dim"), use_bias=cfg.attn_bias, **kw)
+        self.k = Linear(d, (hkv, dh), in_axes=("embed",), out_axes=("kv_heads", "head_dim"), use_bias=cfg.attn_bias, **kw)
+        self.v = Linear(d, (hkv, dh), in_axes=("embed",), out_axes=("kv_heads", "head_dim"), use_bias=cfg.attn_bias, **kw)
+        self.o = Linear((h, dh), d, in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=cfg.attn_out_bias, **kw)
+        q_norm = k_norm = None
+        if cfg.qk_norm:
+            if cfg.qk_norm_per_head:  # Qwen 3, Gemma 3: one scale of head_dim shared by heads
+                q_norm = RMSNorm(dh, eps=cfg.norm_eps, unit_offset=cfg.rmsnorm_unit_offset, axis_name="head_dim")
+                k_norm = RMSNorm(dh, eps=cfg.norm_eps, unit_offset=cfg.rmsnorm_unit_offset, axis_name="head_dim")
+            else:  # OLMo 2: normalise all heads jointly
+                q_norm = RMSNorm(h * dh, eps=cfg.norm_eps, axis_name="heads")
+                k_norm = RMSNorm(hkv * dh, eps=cfg.norm_eps, axis_name="kv_heads")
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.sinks = zeros_param((h,), ("heads",)) if cfg.attention_sinks else None
+        use_rope = cfg.position_embedding == "rope" and layer_kind != "nope" and not cross
+        self.rope = RoPE(cfg, rotary_dim(dh, cfg.rope_fraction), local=layer_kind == "local") if use_rope else None
+
+    def _norm_heads(self, norm, x):
+        if norm is None:
+            return x
+        if self.cfg.qk_norm_per_head:
+            return norm(x)
+        b, t, h, d = x.shape
+        return norm(x.reshape(b, t, h * d)).reshape(b, t, h, d)
+
+    def __call__(self, x, *, positions, segment_ids=None, cache=None, kv_input=None, kv_segment_ids=None):
+        cfg = self.cfg
+        if cache is not None:
+            raise ValueError("Attention got a cache; KV caches are handled by serving/ (not built yet)")
+        kv_x = x if kv_input is None else kv_input
+        q = self._norm_heads(self.q_norm, self.q(x))      # [B, T, H, Dh]
+        k = self._norm_heads(self.k_norm, self.k(kv_x))   # [B, S, Hkv, Dh]
+        v = self.v(kv_x)                                  # [B, S, Hkv, Dh]
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        seg = segment_ids
+        if self.cross:
+            seg = None if segment_ids is None else (segment_ids, kv_segment_ids)
+        elif self.kind == "chunked":
+            seg = chunk_segment_ids(positions, segment_ids, cfg.chunk_size)
+        causal = cfg.causal and not self.cross
+        window = cfg.sliding_window if self.kind == "local" else None
+        sm_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        o = pallas_kernels.attention(
+            q, k, v, causal=causal, sliding_window=window, segment_ids=seg,
+            logit_soft_cap=cfg.logit_soft_cap, sm_scale=sm_scale,
+            sinks=None if self.sinks is None else self.sinks.value, impl=cfg.attention_impl)
+        aux = {}
+        if cfg.track_max_logits:
+            aux["max_logits"] = max_logits_reference(
+                q, k, causal=causal, sliding_window=window, segment_ids=seg, sm_scale=sm_scale)
+        return self.o(o), aux

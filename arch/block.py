@@ -1,0 +1,83 @@
+"""A transformer block assembled from the config: attention + feed-forward with norms.
+
+Norm placements (see arch/norms.py): pre, post, sandwich (Gemma), olmo2. The attention
+is MHA/GQA (arch/attention.py) or MLA (arch/mla.py); the feed-forward is a dense MLP or
+an MoE layer (arch/moe.py) depending on the layer index (`moe.first_k_dense`, `moe.every`).
+Decoder blocks of an encoder-decoder model add cross-attention after self-attention.
+"""
+from __future__ import annotations
+
+from flax import nnx
+
+from arch.attention import Attention, layer_kind
+from arch.common import check_choice
+from arch.mlp import MLP
+from arch.norms import PLACEMENTS, make_norm
+
+
+def is_moe_layer(cfg, layer_idx: int) -> bool:
+    moe = cfg.moe
+    if moe is None:
+        return False
+    if layer_idx < moe.first_k_dense:
+        return False
+    return (layer_idx - moe.first_k_dense) % moe.every == moe.every - 1
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, layer_idx: int = 0, cross_attention: bool = False):
+        check_choice("model.norm_placement", cfg.norm_placement, PLACEMENTS)
+        self.placement = cfg.norm_placement
+        kind = layer_kind(cfg, layer_idx)
+        if cfg.mla is not None:
+            from arch.mla import MLAttention
+            self.attn = MLAttention(cfg, rngs=rngs, layer_kind=kind)
+        else:
+            self.attn = Attention(cfg, rngs=rngs, layer_kind=kind)
+        if is_moe_layer(cfg, layer_idx):
+            from arch.moe import MoE
+            self.mlp = MoE(cfg, rngs=rngs)
+        else:
+            dense_dim = cfg.moe.dense_mlp_dim if cfg.moe is not None and cfg.moe.dense_mlp_dim else None
+            self.mlp = MLP(cfg, rngs=rngs, mlp_dim=dense_dim)
+        p = self.placement
+        # Norm on the branch input (pre, sandwich) or on the residual sum (post).
+        self.attn_norm = make_norm(cfg) if p in ("pre", "sandwich", "post") else None
+        self.mlp_norm = make_norm(cfg) if p in ("pre", "sandwich", "post") else None
+        # Norm on the branch output (sandwich, olmo2).
+        self.post_attn_norm = make_norm(cfg) if p in ("sandwich", "olmo2") else None
+        self.post_mlp_norm = make_norm(cfg) if p in ("sandwich", "olmo2") else None
+        self.cross_attn = Attention(cfg, rngs=rngs, layer_kind="global", cross=True) if cross_attention else None
+        self.cross_norm = make_norm(cfg) if cross_attention else None
+
+    def _residual(self, x, branch, in_norm, out_norm):
+        """Apply one residual sub-layer with this block's norm placement."""
+        if self.placement == "post":
+            y, aux = branch(x)
+            return in_norm(x + y), aux
+        h = in_norm(x) if in_norm is not None else x
+        y, aux = branch(h)
+        if out_norm is not None:
+            y = out_norm(y)
+        return x + y, aux
+
+    def __call__(self, x, *, positions, segment_ids=None, cache=None,
+                 encoder_out=None, encoder_segment_ids=None):
+        aux = {}
+        x, a = self._residual(
+            x, lambda h: self.attn(h, positions=positions, segment_ids=segment_ids, cache=cache),
+            self.attn_norm, self.post_attn_norm)
+        aux.update(a)
+        if self.cross_attn is not None:
+            x, _ = self._residual(
+                x, lambda h: self.cross_attn(h, positions=positions, segment_ids=segment_ids,
+                                             kv_input=encoder_out, kv_segment_ids=encoder_segment_ids),
+                self.cross_norm, None)
+
+        def ffn(h):
+            out = self.mlp(h, segment_ids=segment_ids) if not isinstance(self.mlp, MLP) else self.mlp(h)
+            return out if isinstance(out, tuple) else (out, {})
+
+        x, a = self._residual(x, ffn, self.mlp_norm, self.post_mlp_norm)
+        aux.update(a)
+        return x, aux
