@@ -120,7 +120,7 @@ class Attention(nnx.Module):
         o = pallas_kernels.attention(
             q, k, v, causal=causal, sliding_window=window, segment_ids=seg,
             logit_soft_cap=cfg.logit_soft_cap, sm_scale=sm_scale,
-            sinks=None if self.sinks is None else self.sinks.value, impl=cfg.attention_impl)
+            sinks=None if self.sinks is None else self.sinks[...], impl=cfg.attention_impl)
         aux = {}
         if cfg.track_max_logits:
             aux["max_logits"] = max_logits_reference(

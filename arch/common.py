@@ -74,11 +74,11 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        w = self.kernel.value.astype(self.dtype)
+        w = self.kernel[...].astype(self.dtype)
         nin = self.in_ndim
         y = jnp.tensordot(x.astype(self.dtype), w, axes=(tuple(range(x.ndim - nin, x.ndim)), tuple(range(nin))))
         if self.bias is not None:
-            y = y + self.bias.value.astype(self.dtype)
+            y = y + self.bias[...].astype(self.dtype)
         return y
 
 

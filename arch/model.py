@@ -59,11 +59,11 @@ class Embedding(nnx.Module):
         self.embedding = logical_param(jax.random.normal(rngs.params(), (vocab, dim)) * std, ("vocab", "embed"))
 
     def __call__(self, tokens):
-        return jnp.take(self.embedding.value, tokens, axis=0)
+        return jnp.take(self.embedding[...], tokens, axis=0)
 
     def attend(self, x):
         """Tied output head: logits = x @ E^T."""
-        return jnp.einsum("btd,vd->btv", x, self.embedding.value.astype(x.dtype))
+        return jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(x.dtype))
 
 
 class LayerStack(nnx.Module):
@@ -249,7 +249,7 @@ def count_params(cfg) -> tuple[int, int]:
     total = inactive = 0
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
-            size = math.prod(var.value.shape)
+            size = math.prod(var.shape)
             total += size
             if cfg.moe is not None and _is_routed_expert(var):
                 inactive += size * (1 - cfg.moe.top_k / cfg.moe.num_experts)

@@ -45,7 +45,7 @@ class RMSNorm(nnx.Module):
         self.scale = init((dim,), (axis_name,))
 
     def __call__(self, x):
-        return rms_norm_reference(x, self.scale.value, self.eps, self.unit_offset)
+        return rms_norm_reference(x, self.scale[...], self.eps, self.unit_offset)
 
 
 class LayerNorm(nnx.Module):
@@ -55,7 +55,7 @@ class LayerNorm(nnx.Module):
         self.bias = zeros_param((dim,), (axis_name,)) if use_bias else None
 
     def __call__(self, x):
-        return layer_norm_reference(x, self.scale.value, None if self.bias is None else self.bias.value, self.eps)
+        return layer_norm_reference(x, self.scale[...], None if self.bias is None else self.bias[...], self.eps)
 
 
 def make_norm(cfg, dim: int | None = None, axis_name: str = "embed") -> nnx.Module:

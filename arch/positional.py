@@ -195,7 +195,7 @@ class LearnedPositions(nnx.Module):
             jax.random.normal(rngs.params(), (max_len, dim)) * std, (None, "embed"))
 
     def __call__(self, positions):
-        return jnp.take(self.embedding.value, positions, axis=0)
+        return jnp.take(self.embedding[...], positions, axis=0)
 
 
 class SinusoidalPositions:

@@ -20,6 +20,7 @@ resume and host sharding a few lines of numpy; building a batch costs microsecon
 per row, far below a training step. A loader with prefetch workers is the next step
 if input ever shows up in profiles.
 
+    >>> from data.loader import TrainLoader, eval_batches
     >>> from data.sources import load_source, split_documents
     >>> from data.tokenizer import ByteTokenizer
     >>> train, val = split_documents(load_source("stdlib", ByteTokenizer()), 0.05)
@@ -105,7 +106,7 @@ class TrainLoader:
 
     def _plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
-            # A batch spans at most two epochs: keep the current and the next.
+            # A batch spans at most two epochs: keep this one and the one before.
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
             self._plans[epoch] = EpochPlan(self.docs, self.seq_len, self.seed, epoch)
         return self._plans[epoch]

@@ -63,6 +63,8 @@ class ParamSpec:
       group: "muon", "adamw" or "frozen".
       dims: Muon dimension numbers (muon only); all other axes are batch axes.
       reason: a few words for the startup table.
+      decay: weight decay applies (matrices of Muon and AdamW alike; not vectors, not
+        stacked vectors like [layers, embed], not frozen variables).
     """
     path: Path
     shape: tuple[int, ...]
@@ -70,15 +72,11 @@ class ParamSpec:
     group: str
     dims: MuonDimensionNumbers | None = None
     reason: str = ""
+    decay: bool = False
 
     @property
     def name(self) -> str:
         return "/".join(self.path)
-
-    @property
-    def decay(self) -> bool:
-        """Weight decay applies to matrices (Muon and AdamW alike), not to vectors."""
-        return self.group != FROZEN and len(self.shape) >= 2
 
     def matrix_shape(self) -> tuple[int, int, int]:
         """(number of matrices, A, B) that Muon orthogonalises, A = reduction, B = output."""
@@ -164,41 +162,52 @@ def _label_one(path: Path, x, per_head: bool, overrides) -> ParamSpec:
         meta = x.get_metadata()
         axes = meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
         axes = tuple(axes) if axes is not None else None
+        if axes is not None and len(axes) == len(shape) - 1:
+            axes = ("layers",) + axes  # stacked by nnx.scan without axis metadata
         if not isinstance(x, nnx.Param):
             return ParamSpec(path, shape, axes, FROZEN, reason=f"{type(x).__name__}, not a Param")
+    spec = lambda group, dims=None, why="", decay=True: ParamSpec(
+        path, shape, axes, group, dims, why, decay and _matrix_rank(shape, axes) >= 2)
     name = "/".join(path)
     for pat, rule in overrides.items():
         if re.search(pat, name):
             if isinstance(rule, MuonDimensionNumbers):
-                return ParamSpec(path, shape, axes, MUON, rule, reason=f"override {pat!r}")
+                return spec(MUON, rule, f"override {pat!r}")
             if rule == MUON:
-                return ParamSpec(path, shape, axes, MUON, _muon_dims(path, shape, axes, per_head),
-                                 reason=f"override {pat!r}")
-            return ParamSpec(path, shape, axes, rule, reason=f"override {pat!r}")
-    if len(shape) < 2:
-        return ParamSpec(path, shape, axes, ADAMW, reason="vector (norm/bias)")
+                return spec(MUON, _muon_dims(path, shape, axes, per_head), f"override {pat!r}")
+            return spec(rule, None, f"override {pat!r}")
+    if path[-1] in ("bias", "scale") or _matrix_rank(shape, axes) < 2:
+        return spec(ADAMW, None, "vector (norm/bias)", decay=False)
     if (axes and "vocab" in axes) or "embedding" in path or "lm_head" in path:
-        return ParamSpec(path, shape, axes, ADAMW, reason="embedding/head")
-    return ParamSpec(path, shape, axes, MUON, _muon_dims(path, shape, axes, per_head),
-                     reason="hidden matrix")
+        return spec(ADAMW, None, "embedding/head")
+    return spec(MUON, _muon_dims(path, shape, axes, per_head), "hidden matrix")
+
+
+def _n_batch(axes) -> int:
+    """Number of leading stack axes (`layers`, `expert`)."""
+    n = 0
+    while axes is not None and n < len(axes) and axes[n] in BATCH_AXES:
+        n += 1
+    return n
+
+
+def _matrix_rank(shape, axes) -> int:
+    """Rank without the leading stack axes: a stacked norm scale [layers, embed] has 1."""
+    return len(shape) - _n_batch(axes)
 
 
 def _muon_dims(path: Path, shape, axes, per_head: bool) -> MuonDimensionNumbers:
     """Reduction/output axes of a kernel laid out [*batch, *in, *out]; the rest is batch."""
     ndim = len(shape)
     name = "/".join(path)
-    if axes is not None and len(axes) == ndim - 1:
-        axes = ("layers",) + tuple(axes)  # stacked by nnx.scan without axis metadata
-    if axes is None or len(axes) != ndim:
+    if axes is None:
         if ndim == 2:
             return MuonDimensionNumbers(0, 1)
         raise ValueError(f"{name}: a {ndim}-D parameter {shape} without logical axis names; "
                          "pass the nnx.State with its Param metadata or an override")
-    # Leading stack axes are batch axes while at least a matrix remains.
-    start = 0
-    while start < ndim - 2 and axes[start] in BATCH_AXES:
-        start += 1
-    rest = list(range(start, ndim))
+    rest = list(range(_n_batch(axes), ndim))
+    if len(rest) < 2:
+        raise ValueError(f"{name}: {axes} holds no matrix for Muon")
     if len(rest) == 2:
         red, out = [rest[0]], [rest[1]]
     else:
@@ -207,7 +216,7 @@ def _muon_dims(path: Path, shape, axes, per_head: bool) -> MuonDimensionNumbers:
         # or ends (o: heads, head_dim | embed).
         if is_head[0] and not all(is_head):
             k = is_head.index(False)
-        elif any(is_head):
+        elif any(is_head) and not all(is_head):
             k = is_head.index(True)
         else:
             raise ValueError(f"{name}: cannot tell input from output axes of {axes}; "

@@ -27,11 +27,11 @@ its logits but its W_q grows by 1/sqrt(gamma_min,g) to balance the shared key.
 With QK-norm the logits do not depend on the scale of W_q and W_k, so `qk_clip` refuses
 modules that have `q_norm`/`k_norm` parameters.
 
-Interface. The model reports `aux["max_logits"]` as a dict from the attention module's
-path in the parameter state, "/"-joined (e.g. "layers/0/attn"), to S_max of shape [H]
-(f32, the max over the batch, after sm_scale), or [L, H] for a scanned stack whose
-parameters carry a leading layers axis (e.g. "layers/attn"). Parameter names under a
-path: MHA/GQA `q/kernel` [(L,) embed, H, D] (+ `q/bias` [(L,) H, D]) and `k/kernel`
+Interface. `max_logits` is S_max (f32, the max over the batch of sm_scale * q.k) either
+as the model reports it, `aux["max_logits"]` [L, H] for the layers of arch/model.py's
+stack ("stack/layers/{i}/attn", or "stack/layers/attn" with [L, ...] parameters when
+scanned), or as a dict from "/"-joined attention module paths to [H] (or [L, H] for a
+scanned module). Parameter names under a path: MHA/GQA `q/kernel` [(L,) embed, H, D] (+ `q/bias` [(L,) H, D]) and `k/kernel`
 [(L,) embed, Hkv, D] (+ `k/bias`); MLA `wq_b/kernel` (or `wq/kernel`)
 [(L,) q_lora_rank | embed, H, nope + rope] and `wkv_b/kernel` [(L,) kv_lora_rank, H, nope + v].
 Only elementwise products: it runs on sharded parameters as they are.
@@ -102,15 +102,55 @@ def _clip_mla(found: dict[Path, jax.Array], prefix: Path, gamma: jax.Array, out:
         out[p] = f.reshape(lead + (1,) * (found[p].ndim - len(lead) - 2) + f.shape[-2:])
 
 
-def qk_clip(params, max_logits: Mapping[str, jax.Array], *, tau: float,
-            qk_nope_head_dim: int | None = None):
+def stack_paths(params, num_layers: int, stack: str = "stack") -> list[str] | str:
+    """Attention paths of a layer stack (arch/model.py `LayerStack` of `Block`s with `.attn`).
+
+    Returns the one scanned path "stack/layers/attn" (parameters [L, ...]) or the
+    per-layer paths ["stack/layers/0/attn", ...].
+    """
+    paths = _all_paths(params)
+    scanned = f"{stack}/layers/attn"
+    if any(p.startswith(scanned + "/") for p in paths):
+        return scanned
+    per_layer = [f"{stack}/layers/{i}/attn" for i in range(num_layers)]
+    missing = [p for p in per_layer if not any(q.startswith(p + "/") for q in paths)]
+    if missing:
+        raise ValueError(f"max_logits has {num_layers} layers but params lack {missing[:3]}; "
+                         "pass a dict {attention path: [H]} instead")
+    return per_layer
+
+
+def _all_paths(params) -> list[str]:
+    out = []
+    map_params(lambda p, _: out.append("/".join(p)), params)
+    return out
+
+
+def as_path_dict(params, max_logits, stack: str = "stack") -> dict[str, jax.Array]:
+    """`max_logits` as {path: [H] or [L, H]}: a dict passes through; an [L, H] array (the
+    model's aux["max_logits"]) is assigned to the layers of `stack`."""
+    if isinstance(max_logits, Mapping):
+        return dict(max_logits)
+    if jnp.ndim(max_logits) != 2:
+        raise ValueError(f"max_logits must be a dict or an [layers, heads] array, got shape "
+                         f"{jnp.shape(max_logits)}")
+    paths = stack_paths(params, max_logits.shape[0], stack)
+    if isinstance(paths, str):
+        return {paths: max_logits}
+    return {p: max_logits[i] for i, p in enumerate(paths)}
+
+
+def qk_clip(params, max_logits: Mapping[str, jax.Array] | jax.Array, *, tau: float,
+            qk_nope_head_dim: int | None = None, stack: str = "stack"):
     """Rescale query/key weights of every head whose max logit exceeds `tau`.
 
     Args:
       params: parameter tree (an nnx.State of Params or of arrays, or nested dicts).
-      max_logits: {"/"-joined attention module path: S_max [H] or [L, H]}.
+      max_logits: {"/"-joined attention module path: S_max [H] or [L, H]}, or the
+        model's aux["max_logits"] [L, H] for the layers of `stack`.
       tau: the logit threshold (Kimi K2: 100).
       qk_nope_head_dim: MLA only, width of the non-rotary part of each q/k head.
+      stack: path of the layer stack that an [L, H] array belongs to.
 
     Returns:
       The tree with the same structure, q/k weights scaled.
@@ -128,14 +168,15 @@ def qk_clip(params, max_logits: Mapping[str, jax.Array], *, tau: float,
     map_params(collect, params)
 
     factors: dict[Path, jax.Array] = {}
-    for key, s_max in max_logits.items():
+    for key, s_max in as_path_dict(params, max_logits, stack).items():
         prefix = tuple(key.split("/")) if isinstance(key, str) else tuple(map(str, key))
         gamma = qk_clip_factors(s_max, tau)
-        if any(prefix + (n, "scale") in found for n in ("q_norm", "k_norm")):
-            raise ValueError(f"{key!r} uses qk_norm: QK-Clip cannot scale its logits via W_q/W_k")
         if prefix + MLA_KV + ("kernel",) in found:
             _clip_mla(found, prefix, gamma, factors, qk_nope_head_dim)
         elif prefix + MHA_K + ("kernel",) in found:
+            # MLA's q_norm sits before wq_b (harmless); MHA's sits after W_q and undoes the scale.
+            if any(prefix + (n, "scale") in found for n in ("q_norm", "k_norm")):
+                raise ValueError(f"{key!r} uses qk_norm: QK-Clip cannot scale its logits via W_q/W_k")
             _clip_mha(found, prefix, gamma, factors)
         else:
             raise ValueError(f"max_logits key {key!r} names no attention module with "

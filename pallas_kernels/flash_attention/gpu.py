@@ -527,7 +527,7 @@ def flash_attention_with_lse(
                   has_sinks=sinks is not None, kv_len=tk, masked=masked, blocks=blocks,
                   interpret=bool(interpret))
     span = functools.partial(block_spans, q_pos, kv_pos, q_seg, kv_seg, causal=causal,
-                             sliding_window=sliding_window, kv_len=tk)
+                             sliding_window=sliding_window, q_len=tq, kv_len=tk)
     masks = (q_pos, kv_pos, q_seg, kv_seg,
              span(block_q=blocks.block_q, block_k=blocks.block_k, over="kv"),
              span(block_q=blocks.block_q_dq, block_k=blocks.block_kv_dq, over="kv"),

@@ -19,7 +19,7 @@ needed are computed under the mask, which is correct, only not free.
     >>> import jax.numpy as jnp
     >>> pos = jnp.arange(8, dtype=jnp.int32)[None]           # [B=1, T=8]
     >>> spans = block_spans(pos, pos, None, None, causal=True, sliding_window=None,
-    ...                     block_q=4, block_k=4, kv_len=8, over="kv")
+    ...                     block_q=4, block_k=4, q_len=8, kv_len=8, over="kv")
     >>> spans[0].tolist()   # per query block: [lo, full_lo, full_hi, hi]
     [[0, 1, 1, 1], [0, 0, 1, 2]]
 """
@@ -34,14 +34,15 @@ def _block_min_max(x, block: int):
     return xb.min(axis=-1), xb.max(axis=-1)
 
 
-def tile_masks(q_pos, kv_pos, q_seg, kv_seg, *, causal, sliding_window, block_q, block_k, kv_len):
+def tile_masks(q_pos, kv_pos, q_seg, kv_seg, *, causal, sliding_window, block_q, block_k, q_len,
+               kv_len):
     """Boolean [B, nq, nk] arrays (needed, full) from block-wise position/segment bounds.
 
     Args:
       q_pos, kv_pos: int32 [B, Tq], [B, Tk] positions, lengths multiples of the blocks.
         Padded tails must repeat a real position (edge padding) so bounds stay tight.
       q_seg, kv_seg: int32 segment ids of the same shapes, or None.
-      kv_len: number of real keys; a key block reaching past it is never full.
+      q_len, kv_len: numbers of real queries and keys; the rest is padding.
     """
     q_lo, q_hi = _block_min_max(q_pos, block_q)
     k_lo, k_hi = _block_min_max(kv_pos, block_k)
@@ -65,9 +66,11 @@ def tile_masks(q_pos, kv_pos, q_seg, kv_seg, *, causal, sliding_window, block_q,
         ks_lo, ks_hi = ks_lo[:, None, :], ks_hi[:, None, :]
         needed = needed & (qs_lo <= ks_hi) & (ks_lo <= qs_hi)
         full = full & (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo)
-    nk = k_lo.shape[-1]
-    if kv_len % block_k:  # the last key block holds padding: always masked
-        full = full & (jnp.arange(nk) < nk - 1)
+    # Padding: blocks of padded keys only are skipped, blocks holding some are masked;
+    # blocks of padded queries only are skipped too (their rows are dropped).
+    k_start = jnp.arange(k_lo.shape[-1]) * block_k
+    needed = needed & (k_start < kv_len) & (jnp.arange(q_lo.shape[1]) * block_q < q_len)[:, None]
+    full = full & (k_start + block_k <= kv_len)
     return needed, full & needed
 
 
@@ -88,7 +91,7 @@ def _spans(needed, full):
 
 
 def block_spans(q_pos, kv_pos, q_seg, kv_seg, *, causal, sliding_window, block_q, block_k,
-                kv_len, over: str):
+                q_len, kv_len, over: str):
     """int32 [B, rows, 4] spans `[lo, full_lo, full_hi, hi]` of blocks to visit.
 
     over="kv": one row per query block, spans over key blocks (forward and dq kernels).
@@ -98,7 +101,7 @@ def block_spans(q_pos, kv_pos, q_seg, kv_seg, *, causal, sliding_window, block_q
         raise ValueError(f"{over=} must be 'kv' or 'q'")
     needed, full = tile_masks(q_pos, kv_pos, q_seg, kv_seg, causal=causal,
                               sliding_window=sliding_window, block_q=block_q,
-                              block_k=block_k, kv_len=kv_len)
+                              block_k=block_k, q_len=q_len, kv_len=kv_len)
     if over == "q":
         needed, full = jnp.swapaxes(needed, 1, 2), jnp.swapaxes(full, 1, 2)
     return _spans(needed, full)

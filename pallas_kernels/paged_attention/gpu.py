@@ -75,11 +75,13 @@ class BlockSizes:
             raise ValueError(f"{self.num_splits=} must be >= 1 or None")
 
     @classmethod
-    def get_default(cls, *, page_size: int, head_dim: int) -> "BlockSizes":
+    def get_default(cls, *, page_size: int, head_dim: int, max_pages: int) -> "BlockSizes":
         """~8K elements per K block (64 keys at D=128): K+V of two pipeline stages fit
-        three programs per H100 SM in shared memory, enough bytes in flight per SM."""
-        keys = max(page_size, 8192 // head_dim)
-        return cls(pages_per_block=max(1, keys // page_size))
+        three programs per H100 SM in shared memory, enough bytes in flight per SM.
+        Never more pages per block than the (power-of-two rounded) table holds."""
+        ppb = max(1, (8192 // head_dim) // page_size)
+        ppb = min(1 << (ppb.bit_length() - 1), _next_pow2(max_pages))  # power of two
+        return cls(pages_per_block=ppb)
 
 
 def default_num_splits(batch: int, kv_heads: int, num_blocks: int, num_sms: int) -> int:
@@ -178,14 +180,14 @@ def merge_splits(o, lse):
     return out, jnp.where(total > 0, m_safe + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
 
 
-def check_supported(q, k_pages, block_sizes: BlockSizes) -> None:
+def check_supported(q, k_pages) -> None:
     """Raise NotImplementedError for shapes the Triton lowering cannot tile."""
     page_size, d = k_pages.shape[2], k_pages.shape[3]
     if not _is_pow2(d):
         raise NotImplementedError(f"head_dim={d} must be a power of two for the Triton kernel")
     if not _is_pow2(page_size):
         raise NotImplementedError(f"{page_size=} must be a power of two for the Triton kernel")
-    del q, block_sizes
+    del q
 
 
 @functools.partial(
@@ -212,13 +214,13 @@ def paged_attention_gpu(
     b, h, d = q.shape
     hkv, num_pages, page_size, _ = k_pages.shape
     g = h // hkv
+    max_pages = page_table.shape[1]
+    check_supported(q, k_pages)
     if block_sizes is None:
-        block_sizes = BlockSizes.get_default(page_size=page_size, head_dim=d)
-    check_supported(q, k_pages, block_sizes)
+        block_sizes = BlockSizes.get_default(page_size=page_size, head_dim=d, max_pages=max_pages)
     if sm_scale is None:
         sm_scale = d**-0.5
     ppb = block_sizes.pages_per_block
-    max_pages = page_table.shape[1]
     num_blocks = pl.cdiv(max_pages, ppb)
     splits = block_sizes.num_splits or default_num_splits(b, hkv, num_blocks, _num_sms())
     splits = min(splits, num_blocks)

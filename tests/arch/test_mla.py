@@ -7,6 +7,7 @@ W_O) and Hugging Face's own RoPE functions (`apply_rotary_pos_emb` and
 import math
 
 import chex
+import ml_collections
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,31 +23,33 @@ B, T = 2, 7  # odd sequence length on purpose
 
 
 def make_cfg(**mla_overrides):
+    """A small odd-shaped model config (3 heads, T=7); `mla_overrides` replace MLA fields."""
     cfg = model_defaults()
     cfg.d_model, cfg.num_heads = 24, 3
-    cfg.mla = mla_defaults()
-    cfg.mla.update(dict(kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5))
-    for key, value in mla_overrides.items():
-        if key == "absorb":
-            cfg.mla.absorb = value
-        else:
-            cfg.mla[key] = value
+    mla = mla_defaults().to_dict() | dict(kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4,
+                                          v_head_dim=5)
+    mla.update(mla_overrides)
+    cfg.mla = ml_collections.ConfigDict(mla)
     return cfg
 
 
 def make_layer(cfg, seed=0, layer_kind="global"):
     """The layer with every parameter (norm scales and biases too) randomised."""
     layer = MLAttention(cfg, rngs=nnx.Rngs(params=seed), layer_kind=layer_kind)
-    keys = iter(jax.random.split(jax.random.key(seed + 100), 64))
-    for _, var in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
-        noise = jax.random.normal(next(keys), var.shape, var.dtype)
-        var[...] = (1.0 + 0.2 * noise) if var.shape[-1:] and _is_norm(layer, var) else 0.3 * noise
+    state = nnx.state(layer, nnx.Param)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+    new = []
+    for (path, leaf), key in zip(leaves, keys):
+        noise = jax.random.normal(key, leaf.shape, leaf.dtype)
+        is_norm_scale = "scale" in jax.tree_util.keystr(path)
+        new.append(1.0 + 0.2 * noise if is_norm_scale else 0.3 * noise)
+    nnx.update(layer, jax.tree_util.tree_unflatten(treedef, new))
     return layer
 
 
-def _is_norm(layer, var):
-    norms = [layer.kv_norm.scale] + ([layer.q_norm.scale] if hasattr(layer, "q_norm") else [])
-    return any(var is n for n in norms)
+def flat_params(layer):
+    return dict(nnx.to_flat_state(nnx.state(layer, nnx.Param)))
 
 
 def inputs(cfg, seed=1, packed=True):
@@ -195,12 +198,10 @@ def test_parameter_names_shapes_and_axes():
         ("wo", "kernel"): ((h, v, d), ("heads", "head_dim", "embed")),
     }
     layer = MLAttention(cfg, rngs=nnx.Rngs(params=0))
-    got = {p: (var.shape, var.get_metadata()["out_sharding"])
-           for p, var in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
+    got = {p: (var[...].shape, var.get_metadata()["out_sharding"]) for p, var in flat_params(layer).items()}
     assert got == expected
-    cfg.mla.q_lora_rank = None
-    layer = MLAttention(cfg, rngs=nnx.Rngs(params=0))
-    got = {p: var.shape for p, var in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
+    layer = MLAttention(make_cfg(q_lora_rank=None), rngs=nnx.Rngs(params=0))
+    got = {p: var[...].shape for p, var in flat_params(layer).items()}
     assert got[("wq", "kernel")] == (d, h, nope + rope)
     assert ("wq_a", "kernel") not in got and ("q_norm", "scale") not in got
 
@@ -246,19 +247,18 @@ def test_absorbed_equals_naive_bf16():
 
 def test_gradients_naive_vs_absorbed():
     cfg = make_cfg(q_lora_rank=12)
-    layer = make_layer(cfg)
+    graphdef, params = nnx.split(make_layer(cfg))
     x, pos, seg = inputs(cfg)
     r = jax.random.normal(jax.random.key(7), (B, T, cfg.d_model))
 
-    def loss(m, x, absorb):
-        y, _ = m(x, positions=pos, segment_ids=seg, absorb=absorb)
+    def loss(params, x, absorb):
+        y, _ = nnx.merge(graphdef, params)(x, positions=pos, segment_ids=seg, absorb=absorb)
         return jnp.sum(y * r)
 
-    g_naive = nnx.grad(loss, argnums=(0, 1))(layer, x, False)
-    g_abs = nnx.grad(loss, argnums=(0, 1))(layer, x, True)
-    chex.assert_trees_all_close(g_abs, g_naive, atol=1e-5, rtol=1e-5)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    chex.assert_trees_all_close(grad(params, x, True), grad(params, x, False), atol=1e-5, rtol=1e-5)
     # The shared gradient is itself right: finite differences on the naive path.
-    check_grads(lambda x: loss(layer, x, False), (x,), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+    check_grads(jax.jit(lambda x: loss(params, x, False)), (x,), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
 
 
 def test_absorbed_decode_from_latent_matches_full_forward():
@@ -339,8 +339,7 @@ def test_softmax_scale_without_mscale_all_dim():
     ("absorb", "yes", "absorb"),
 ])
 def test_bad_mla_config_raises(field, value, match):
-    cfg = make_cfg()
-    cfg.mla[field] = value
+    cfg = make_cfg(**{field: value})
     with pytest.raises(ValueError, match=match):
         MLAttention(cfg, rngs=nnx.Rngs(params=0))
 
@@ -351,7 +350,7 @@ def test_bad_config_and_inputs_raise():
     with pytest.raises(ValueError, match="model.mla"):
         MLAttention(cfg, rngs=nnx.Rngs(params=0))
     cfg = make_cfg()
-    del cfg.mla["v_head_dim"]
+    cfg.mla = ml_collections.ConfigDict({k: v for k, v in cfg.mla.items() if k != "v_head_dim"})
     with pytest.raises(ValueError, match="v_head_dim"):
         MLAttention(cfg, rngs=nnx.Rngs(params=0))
     with pytest.raises(ValueError, match="layer_kind"):

@@ -1,0 +1,229 @@
+"""The Pallas GPU flash-attention kernel against reference.mha_reference.
+
+On CPU the kernel runs in Pallas interpret mode (chosen automatically); on a GPU
+(`JAX_PLATFORMS=cuda`) the same tests run the compiled Triton kernel. Outputs, the
+log-sum-exp and dq/dk/dv (through `jax.vjp`, with cotangents on both outputs) are
+compared with the plain-jnp reference. Interpret mode compiles slowly, so each fast
+case packs several features together; the full grid is marked slow.
+"""
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from pallas_kernels.flash_attention import api, gpu, gpu_tiling, reference
+
+# Small tiles so that short test sequences still span several blocks in every kernel.
+SMALL = gpu.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_kv_dkv=32,
+                       block_q_dq=32, block_kv_dq=16, num_warps=4, num_warps_bwd=4)
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _inputs(seed, b, tq, tk, h, hkv, d, dv, dtype):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(ks[0], (b, tq, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, tk, hkv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, tk, hkv, dv), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (b, tq, h, dv), jnp.float32)
+    dlse = jax.random.normal(ks[4], (b, h, tq), jnp.float32)
+    return q, k, v, do, dlse
+
+
+def _outputs_and_grads(fn, q, k, v, do, dlse):
+    """(o, lse) and the vjp of (o, lse) against (do, dlse); -inf lse rows carry no cotangent."""
+    (o, lse), vjp = jax.vjp(fn, q, k, v)
+    dlse = jnp.where(jnp.isfinite(lse), dlse, 0.0)
+    return o, lse, vjp((do.astype(o.dtype), dlse))
+
+
+def _check(kw, *, b=1, tq=40, tk=40, h=4, hkv=2, d=32, dv=None, dtype=jnp.float32, seed=0,
+           block_sizes=SMALL):
+    dv = d if dv is None else dv
+    q, k, v, do, dlse = _inputs(seed, b, tq, tk, h, hkv, d, dv, dtype)
+    kernel = functools.partial(gpu.flash_attention_with_lse, block_sizes=block_sizes, **kw)
+    ref = functools.partial(reference.mha_reference, return_lse=True, **kw)
+    o, lse, grads = _outputs_and_grads(kernel, q, k, v, do, dlse)
+    # The reference runs in f32 on the same (possibly bf16-rounded) inputs.
+    f32 = lambda x: x.astype(jnp.float32)
+    o_ref, lse_ref, grads_ref = _outputs_and_grads(ref, f32(q), f32(k), f32(v), do, dlse)
+
+    chex.assert_shape(o, (b, tq, h, dv))
+    chex.assert_shape(lse, (b, h, tq))
+    assert o.dtype == q.dtype
+    assert all(g.dtype == x.dtype for g, x in zip(grads, (q, k, v)))
+    if dtype == jnp.float32:
+        # On GPU f32 dots run in full IEEE precision, only the summation order differs.
+        atol, rtol = (2e-5, 1e-5) if not ON_GPU else (1e-4, 1e-4)
+    else:
+        atol, rtol = 2e-2, 2e-2
+    finite = jnp.isfinite(lse_ref)
+    np.testing.assert_array_equal(np.isfinite(lse), np.asarray(finite))
+    chex.assert_trees_all_close(f32(o), o_ref, atol=atol, rtol=rtol)
+    chex.assert_trees_all_close(jnp.where(finite, lse, 0.0), jnp.where(finite, lse_ref, 0.0),
+                                atol=atol, rtol=rtol)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        scale = max(1.0, float(jnp.max(jnp.abs(g_ref))))
+        assert bool(jnp.all(jnp.isfinite(f32(g)))), f"d{name} has non-finite values"
+        chex.assert_trees_all_close(f32(g) / scale, g_ref / scale, atol=atol, rtol=rtol,
+                                    custom_message=f"d{name}")
+    return o
+
+
+# ----------------------------------------------------------------------------- fast cases
+def test_noncausal_gqa_padded_f32():
+    # Non-causal, GQA 2:1, lengths (40) not a multiple of any block; through the api.
+    _check({})
+    q, k, v, *_ = _inputs(1, 1, 40, 40, 4, 2, 32, 32, jnp.float32)
+    chex.assert_trees_all_close(
+        api.flash_attention(q, k, v, impl="pallas_gpu", block_sizes=SMALL),
+        reference.mha_reference(q, k, v), atol=2e-5 if not ON_GPU else 1e-4)
+
+
+def test_causal_segments_softcap_shorter_queries_f32():
+    # Causal aligned at the end with q_len != kv_len, GQA 4:1, soft-cap, packed
+    # documents with padding (0), and a query segment (7) with no key: fully masked rows.
+    tq, tk = 24, 40
+    kv_seg = jnp.array([[1] * 12 + [2] * 20 + [0] * 8, [3] * 40])
+    q_seg = jnp.array([[2] * 10 + [7] * 6 + [0] * 8, [3] * 20 + [7] * 4])
+    o = _check(dict(causal=True, logit_soft_cap=5.0, segment_ids=(q_seg, kv_seg)),
+               b=2, tq=tq, tk=tk, h=4, hkv=1)
+    chex.assert_trees_all_equal(o[0, 10:16], jnp.zeros_like(o[0, 10:16]))
+
+
+def test_window_explicit_positions_bf16():
+    # Striped layout as ring attention sees it: shard r of 2 holds tokens r, r+2, ...;
+    # causal sliding window on those global positions, GQA 8:1, bf16.
+    t = 48
+    q_pos = (2 * jnp.arange(t, dtype=jnp.int32) + 1)[None]
+    kv_pos = (2 * jnp.arange(t, dtype=jnp.int32))[None]
+    _check(dict(causal=True, sliding_window=9, q_positions=q_pos, kv_positions=kv_pos),
+           tq=t, tk=t, h=8, hkv=1, d=64, dtype=jnp.bfloat16)
+
+
+def test_head_dim_192_v_128_window_bf16():
+    # DeepSeek-style head dims (qk 192, v 128), non-causal sliding window, default blocks.
+    _check(dict(sliding_window=20), tq=33, tk=33, h=2, hkv=2, d=192, dv=128,
+           dtype=jnp.bfloat16, block_sizes=None)
+
+
+def test_sinks_causal_f32():
+    q, k, v, do, dlse = _inputs(3, 1, 32, 32, 4, 2, 32, 32, jnp.float32)
+    sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
+    kernel = lambda q, k, v, s: gpu.flash_attention_with_lse(q, k, v, causal=True, sinks=s,
+                                                             block_sizes=SMALL)
+    ref = lambda q, k, v, s: reference.mha_reference(q, k, v, causal=True, sinks=s,
+                                                     return_lse=True)
+    out, vjp = jax.vjp(kernel, q, k, v, sinks)
+    out_ref, vjp_ref = jax.vjp(ref, q, k, v, sinks)
+    tol = 2e-5 if not ON_GPU else 1e-4
+    chex.assert_trees_all_close(out, out_ref, atol=tol, rtol=tol)
+    chex.assert_trees_all_close(vjp((do, dlse)), vjp_ref((do, dlse)), atol=tol, rtol=tol)
+
+
+def test_reference_gradients_are_right():
+    # The reference's autodiff gradients, which the kernel is held to, match finite
+    # differences (soft-cap and window included).
+    q, k, v, *_ = _inputs(4, 1, 6, 6, 2, 1, 4, 4, jnp.float32)
+    f = lambda q, k, v: reference.mha_reference(q, k, v, causal=True, sliding_window=3,
+                                                logit_soft_cap=2.0)
+    check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------- tiling
+@pytest.mark.parametrize("seed", range(3))
+def test_block_spans_cover_mask(seed):
+    """Brute force: every tile with a kept pair lies in [lo, hi), and every tile in
+    [full_lo, full_hi) keeps all its (real query, key) pairs and holds no padded key."""
+    rng = np.random.default_rng(seed)
+    b, tq, tk, bq, bk = 2, 64, 96, 16, 32
+    q_len, kv_len = 60, 90  # the rest is (edge-padded) padding
+
+    def sorted_ints(high, shape, length):
+        x = np.sort(rng.integers(0, high, shape), axis=1).astype(np.int32)
+        x[:, length:] = x[:, length - 1:length]
+        return x
+
+    q_pos, kv_pos = sorted_ints(200, (b, tq), q_len), sorted_ints(200, (b, tk), kv_len)
+    q_seg, kv_seg = sorted_ints(3, (b, tq), q_len), sorted_ints(3, (b, tk), kv_len)
+    q_real, k_real = np.arange(tq) < q_len, np.arange(tk) < kv_len
+    for causal, window, segs in [(True, None, False), (False, 40, True), (True, 30, True)]:
+        qs, ks = (q_seg, kv_seg) if segs else (None, None)
+        mask = np.asarray(reference.attention_mask(
+            b, tq, tk, causal=causal, sliding_window=window, q_segment_ids=qs,
+            kv_segment_ids=ks, q_positions=q_pos, kv_positions=kv_pos))[:, 0]
+        kept = mask & q_real[None, :, None] & k_real[None, None, :]
+        for over in ("kv", "q"):
+            spans = np.asarray(gpu_tiling.block_spans(
+                q_pos, kv_pos, qs, ks, causal=causal, sliding_window=window, block_q=bq,
+                block_k=bk, q_len=q_len, kv_len=kv_len, over=over))
+            for bb in range(b):
+                for r, (lo, full_lo, full_hi, hi) in enumerate(spans[bb]):
+                    assert lo <= full_lo <= full_hi <= hi
+                    for c in range(tk // bk if over == "kv" else tq // bq):
+                        qi, kj = (r, c) if over == "kv" else (c, r)
+                        rows, cols = slice(qi * bq, (qi + 1) * bq), slice(kj * bk, (kj + 1) * bk)
+                        where = (causal, window, over, bb, r, c)
+                        if kept[bb, rows, cols].any():
+                            assert lo <= c < hi, where
+                        if full_lo <= c < full_hi:
+                            assert k_real[cols].all(), where
+                            assert mask[bb, rows, cols][q_real[rows]].all(), where
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(block_q=48), "block_q"),
+    (dict(block_kv_dkv=8), "block_kv_dkv"),
+    (dict(num_warps=3), "num_warps"),
+    (dict(num_stages_bwd=0), "num_stages_bwd"),
+])
+def test_block_sizes_reject_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        gpu.BlockSizes(**kwargs)
+
+
+def test_bad_arguments_raise_value_error():
+    q, k, v, *_ = _inputs(0, 1, 16, 16, 4, 2, 16, 16, jnp.float32)
+    with pytest.raises(ValueError, match="block_sizes"):
+        gpu.flash_attention(q, k, v, block_sizes=(128, 128))
+    with pytest.raises(ValueError, match="logit_soft_cap"):
+        gpu.flash_attention(q, k, v, logit_soft_cap=-1.0)
+    with pytest.raises(ValueError, match="divisible"):
+        gpu.flash_attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2))
+    with pytest.raises(ValueError, match="sliding_window"):
+        gpu.flash_attention(q, k, v, sliding_window=0)
+
+
+# ----------------------------------------------------------------------------- slow grid
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("mask", ["none", "causal", "window", "causal_window", "segments"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_grid(dtype, mask, group):
+    b, t = 2, 50
+    kw = {"none": {}, "causal": dict(causal=True), "window": dict(sliding_window=13),
+          "causal_window": dict(causal=True, sliding_window=13)}.get(mask)
+    if mask == "segments":
+        seg = jnp.array([[1] * 20 + [2] * 25 + [0] * 5, [1] * 7 + [2] * 43])
+        kw = dict(causal=True, segment_ids=seg)
+    _check(kw, b=b, tq=t, tk=t, h=8, hkv=8 // group, d=64, dtype=dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d, dv", [(64, 64), (128, 128), (192, 128), (256, 256)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims(d, dv, causal):
+    _check(dict(causal=causal), tq=40, tk=72, h=2, hkv=1, d=d, dv=dv, dtype=jnp.bfloat16,
+           block_sizes=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tq, tk", [(17, 80), (80, 17), (1, 33), (64, 64)])
+def test_lengths_softcap(tq, tk):
+    _check(dict(causal=True, logit_soft_cap=3.0), tq=tq, tk=tk, h=2, hkv=1)
