@@ -35,7 +35,9 @@ Parameter layout (HF name in brackets) loads HF weights by reshape:
   (q_b_proj), or wq [embed, H, nope+rope] (q_proj); wkv_a [embed, kv_lora+rope]
   (kv_a_proj_with_mqa), kv_norm (kv_a_layernorm), wkv_b [kv_lora, H, nope+v] (kv_b_proj),
   wo [H, v, embed] (o_proj). QK-Clip rescales the q_C, q_R and k_C columns per head,
-  never the shared k_R.
+  never the shared k_R. `attn_bias` puts biases on wq_a and wkv_a and `attn_out_bias` on
+  wo (HF's single `attention_bias` sets all three); wq, wq_b and wkv_b have none, as in HF.
+  The decoupled RoPE part is always rotated, whatever `position_embedding` says.
 
 Example:
 
@@ -50,6 +52,7 @@ Example:
     x = jnp.ones((2, 8, cfg.d_model))
     y, aux = layer(x, positions=jnp.broadcast_to(jnp.arange(8), (2, 8)))   # y: [2, 8, 64]
 """
+
 from __future__ import annotations
 
 import jax
@@ -71,9 +74,11 @@ _DIM_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_d
 
 def validate_mla_config(cfg) -> None:
     """ValueError naming the MLA field when `cfg.mla` is missing or has bad dims."""
-    mla = cfg.get("mla") if hasattr(cfg, "get") else getattr(cfg, "mla", None)
+    mla = cfg.get("mla")
     if mla is None:
-        raise ValueError("model.mla must be a dict with fields q_lora_rank, " + ", ".join(_DIM_FIELDS))
+        raise ValueError(
+            "model.mla must be a dict with fields q_lora_rank, " + ", ".join(_DIM_FIELDS)
+        )
     for name in _DIM_FIELDS:
         value = mla.get(name)
         if value is None:
@@ -84,8 +89,12 @@ def validate_mla_config(cfg) -> None:
     if rope % 2:
         raise ValueError(f"model.mla.qk_rope_head_dim={rope} must be even (RoPE rotates pairs)")
     q_lora = mla.get("q_lora_rank")
-    if q_lora is not None and (isinstance(q_lora, bool) or not isinstance(q_lora, int) or q_lora < 1):
-        raise ValueError(f"model.mla.q_lora_rank={q_lora!r} must be None (full-rank query) or a positive int")
+    if q_lora is not None and (
+        isinstance(q_lora, bool) or not isinstance(q_lora, int) or q_lora < 1
+    ):
+        raise ValueError(
+            f"model.mla.q_lora_rank={q_lora!r} must be None (full-rank query) or a positive int"
+        )
     absorb = mla.get("absorb", False)
     if not isinstance(absorb, bool):
         raise ValueError(f"model.mla.absorb={absorb!r} must be True or False")
@@ -94,7 +103,9 @@ def validate_mla_config(cfg) -> None:
     if cfg.get("attention_sinks", False):
         raise ValueError("model.attention_sinks=True is not supported with MLA; must be False")
     if cfg.get("qk_norm", False):
-        raise ValueError("model.qk_norm=True is not supported with MLA (MLA normalises the latents); must be False")
+        raise ValueError(
+            "model.qk_norm=True is not supported with MLA (MLA normalises the latents); must be False"
+        )
 
 
 def mla_softmax_scale(qk_head_dim: int, rope_scaling=None) -> float:
@@ -130,7 +141,8 @@ def naive_qkv(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv):
     heads = q_nope.shape[2]
     k_nope = jnp.einsum("bsc,chn->bshn", c_kv, w_uk)  # [B, S, H, nope]
     v = jnp.einsum("bsc,chv->bshv", c_kv, w_uv)  # [B, S, H, v]
-    k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (heads, k_pe.shape[-1]))  # [B, S, H, rope]
+    b, s, rope = k_pe.shape
+    k_pe = jnp.broadcast_to(k_pe[:, :, None, :], (b, s, heads, rope))  # no copy under jit
     q = jnp.concatenate([q_nope, q_pe], axis=-1)
     k = jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], axis=-1)
     return q, k, v
@@ -146,15 +158,31 @@ def absorbed_qkv(q_nope, q_pe, c_kv, k_pe, w_uk):
     """
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)  # [B, T, H, C]
     q = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], axis=-1)
-    k = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)[:, :, None, :]  # [B, S, 1, C+rope]
+    k = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)  # [B, S, C+rope]
+    k = k[:, :, None, :]  # [B, S, 1, C+rope]: one kv head shared by all query heads
     v = c_kv[:, :, None, :]  # [B, S, 1, C]
     return q, k, v
 
 
-def mla_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, *, absorb: bool, sm_scale: float,
-                  causal: bool, sliding_window=None, segment_ids=None, q_positions=None,
-                  kv_positions=None, logit_soft_cap=None, impl: str = "auto",
-                  return_max_logits: bool = False):
+def mla_attention(
+    q_nope,
+    q_pe,
+    c_kv,
+    k_pe,
+    w_uk,
+    w_uv,
+    *,
+    absorb: bool,
+    sm_scale: float,
+    causal: bool,
+    sliding_window=None,
+    segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    logit_soft_cap=None,
+    impl: str = "auto",
+    return_max_logits: bool = False,
+):
     """Attention from the MLA query parts and the latent KV, in either form.
 
     Inputs are as in `naive_qkv`; the key side is exactly what a latent cache stores
@@ -170,18 +198,25 @@ def mla_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, *, absorb: bool, sm_scal
         q, k, v = absorbed_qkv(q_nope, q_pe, c_kv, k_pe, w_uk)
     else:
         q, k, v = naive_qkv(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv)
-    mask_kw = dict(causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
-                   q_positions=q_positions, kv_positions=kv_positions)
+    mask_kw = dict(
+        causal=causal,
+        sliding_window=sliding_window,
+        segment_ids=segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+    )
     # sm_scale is passed explicitly: the absorbed head dim C+rope is not the model's qk dim.
-    o = pallas_kernels.attention(q, k, v, logit_soft_cap=logit_soft_cap, sm_scale=sm_scale,
-                                 impl=impl, **mask_kw)
+    o = pallas_kernels.attention(
+        q, k, v, logit_soft_cap=logit_soft_cap, sm_scale=sm_scale, impl=impl, **mask_kw
+    )
     if absorb:
         o = jnp.einsum("bthc,chv->bthv", o, w_uv)  # [B, T, H, v]
     max_logits = None
     if return_max_logits:
         # Same scores in either form; the absorbed one is MQA-grouped (one kv head).
-        max_logits = max_logits_reference(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k),
-                                          sm_scale=sm_scale, **mask_kw)
+        max_logits = max_logits_reference(
+            jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), sm_scale=sm_scale, **mask_kw
+        )
     return o, max_logits
 
 
@@ -202,11 +237,15 @@ class MLAttention(nnx.Module):
         validate_mla_config(cfg)
         check_choice("layer_kind", layer_kind, LAYER_KINDS)
         if layer_kind == "local" and not cfg.sliding_window:
-            raise ValueError(f"model.sliding_window={cfg.sliding_window} must be a positive int for local layers")
+            raise ValueError(
+                f"model.sliding_window={cfg.sliding_window} must be a positive int for local layers"
+            )
         mla = cfg.mla
         self.heads, self.d_model = cfg.num_heads, cfg.d_model
         self.q_lora_rank, self.kv_lora_rank = mla.q_lora_rank, mla.kv_lora_rank
-        self.nope, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        self.nope = mla.qk_nope_head_dim
+        self.rope_dim = mla.qk_rope_head_dim
+        self.v_dim = mla.v_head_dim
         self.qk_head_dim = self.nope + self.rope_dim
         self.absorb = mla.get("absorb", False)
         self.causal, self.impl = cfg.causal, cfg.attention_impl
@@ -218,22 +257,50 @@ class MLAttention(nnx.Module):
         self.sm_scale = mla_softmax_scale(self.qk_head_dim, cfg.rope_scaling)
 
         h, d = self.heads, self.d_model
-        kw = dict(rngs=rngs, std=cfg.init_std, dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype))
+        kw = dict(
+            rngs=rngs, std=cfg.init_std, dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype)
+        )
         in_bias = dict(use_bias=cfg.attn_bias)
         if self.q_lora_rank is None:
-            self.wq = Linear(d, (h, self.qk_head_dim), in_axes=("embed",), out_axes=("heads", "head_dim"), **kw)
+            self.wq = Linear(
+                d, (h, self.qk_head_dim), in_axes=("embed",), out_axes=("heads", "head_dim"), **kw
+            )
         else:
-            self.wq_a = Linear(d, self.q_lora_rank, in_axes=("embed",), out_axes=("latent",), **in_bias, **kw)
+            self.wq_a = Linear(
+                d, self.q_lora_rank, in_axes=("embed",), out_axes=("latent",), **in_bias, **kw
+            )
             self.q_norm = RMSNorm(self.q_lora_rank, eps=cfg.norm_eps, axis_name="latent")
-            self.wq_b = Linear(self.q_lora_rank, (h, self.qk_head_dim), in_axes=("latent",),
-                               out_axes=("heads", "head_dim"), **kw)
-        self.wkv_a = Linear(d, self.kv_lora_rank + self.rope_dim, in_axes=("embed",), out_axes=("latent",),
-                            **in_bias, **kw)
+            self.wq_b = Linear(
+                self.q_lora_rank,
+                (h, self.qk_head_dim),
+                in_axes=("latent",),
+                out_axes=("heads", "head_dim"),
+                **kw,
+            )
+        self.wkv_a = Linear(
+            d,
+            self.kv_lora_rank + self.rope_dim,
+            in_axes=("embed",),
+            out_axes=("latent",),
+            **in_bias,
+            **kw,
+        )
         self.kv_norm = RMSNorm(self.kv_lora_rank, eps=cfg.norm_eps, axis_name="latent")
-        self.wkv_b = Linear(self.kv_lora_rank, (h, self.nope + self.v_dim), in_axes=("latent",),
-                            out_axes=("heads", "head_dim"), **kw)
-        self.wo = Linear((h, self.v_dim), d, in_axes=("heads", "head_dim"), out_axes=("embed",),
-                         use_bias=cfg.attn_out_bias, **kw)
+        self.wkv_b = Linear(
+            self.kv_lora_rank,
+            (h, self.nope + self.v_dim),
+            in_axes=("latent",),
+            out_axes=("heads", "head_dim"),
+            **kw,
+        )
+        self.wo = Linear(
+            (h, self.v_dim),
+            d,
+            in_axes=("heads", "head_dim"),
+            out_axes=("embed",),
+            use_bias=cfg.attn_out_bias,
+            **kw,
+        )
 
     # Pieces that the serving code reuses: query parts, latent KV, up-projection weights.
 
@@ -243,20 +310,21 @@ class MLAttention(nnx.Module):
             q = self.wq(x)  # [B, T, H, nope+rope]
         else:
             q = self.wq_b(self.q_norm(self.wq_a(x)))  # [B, T, H, nope+rope]
-        q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]
+        q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
         return q_nope, self.rope(q_pe, positions)
 
     def latent_kv(self, x, positions):
         """x [B, T, D] -> normalised latent c_kv [B, T, C], rotated shared key k_pe [B, T, rope]."""
         kv = self.wkv_a(x)  # [B, T, C+rope]
         c_kv = self.kv_norm(kv[..., : self.kv_lora_rank])
-        k_pe = self.rope(kv[..., self.kv_lora_rank:][:, :, None, :], positions)[:, :, 0, :]  # one "head"
+        k_pe = kv[..., self.kv_lora_rank :][:, :, None, :]  # [B, T, 1, rope]: one shared head
+        k_pe = self.rope(k_pe, positions)[:, :, 0, :]  # [B, T, rope]
         return c_kv, k_pe
 
     def up_weights(self):
         """W_UK [C, H, nope], W_UV [C, H, v] in the compute dtype (split of wkv_b's kernel)."""
         w = self.wkv_b.kernel[...].astype(self.dtype)  # [C, H, nope+v]
-        return w[..., : self.nope], w[..., self.nope:]
+        return w[..., : self.nope], w[..., self.nope :]
 
     def __call__(self, x, *, positions, segment_ids=None, cache=None, absorb: bool | None = None):
         """Self-attention over x [B, T, D]; returns (y [B, T, D], aux dict).
@@ -266,25 +334,45 @@ class MLAttention(nnx.Module):
           segment_ids: [B, T] packed-document ids (0 = padding) or None.
           cache: must be None (the latent cache arrives with serving/).
           absorb: override `cfg.mla.absorb` for this call.
+
+        Masks (causal, sliding window) use token order and `segment_ids`, as the dense
+        attention layer does; `positions` only drive RoPE.
         """
         if cache is not None:
-            raise ValueError("cache must be None: MLAttention has no KV cache yet (serving/ adds the latent cache)")
+            raise ValueError(
+                "cache must be None: MLAttention has no KV cache yet (serving/ adds the latent cache)"
+            )
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [batch, seq, d_model={self.d_model}], got {x.shape=}")
         if positions.shape != x.shape[:2]:
-            raise ValueError(f"positions must be [batch, seq]={x.shape[:2]}, got {positions.shape=}")
+            raise ValueError(
+                f"positions must be [batch, seq]={x.shape[:2]}, got {positions.shape=}"
+            )
         if segment_ids is not None and segment_ids.shape != x.shape[:2]:
-            raise ValueError(f"segment_ids must be [batch, seq]={x.shape[:2]}, got {segment_ids.shape=}")
+            raise ValueError(
+                f"segment_ids must be [batch, seq]={x.shape[:2]}, got {segment_ids.shape=}"
+            )
         absorb = self.absorb if absorb is None else absorb
 
         q_nope, q_pe = self.query(x, positions)
         c_kv, k_pe = self.latent_kv(x, positions)
         w_uk, w_uv = self.up_weights()
         o, max_logits = mla_attention(
-            q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, absorb=absorb, sm_scale=self.sm_scale,
-            causal=self.causal, sliding_window=self.sliding_window, segment_ids=segment_ids,
-            logit_soft_cap=self.logit_soft_cap, impl=self.impl,
-            return_max_logits=self.track_max_logits)
+            q_nope,
+            q_pe,
+            c_kv,
+            k_pe,
+            w_uk,
+            w_uv,
+            absorb=absorb,
+            sm_scale=self.sm_scale,
+            causal=self.causal,
+            sliding_window=self.sliding_window,
+            segment_ids=segment_ids,
+            logit_soft_cap=self.logit_soft_cap,
+            impl=self.impl,
+            return_max_logits=self.track_max_logits,
+        )
         y = self.wo(o)  # [B, T, D]
         aux = {} if max_logits is None else {"max_logits": max_logits}
         return y, aux

@@ -229,7 +229,8 @@ class MoE(nnx.Module):
                         what `update_router_biases` balances and what logs plot
       dropped_fraction  share of assignments dropped for capacity (0 unless dispatch="capacity")
     Padding tokens (segment_ids == 0) count in none of them and, with dispatch="capacity",
-    take no expert capacity (their routed output is then 0).
+    take no expert capacity (their routed output is then 0). The capacity itself is
+    ceil(capacity_factor * B*T * K / E) over all B*T positions of the call (static shapes).
     """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -259,7 +260,8 @@ class MoE(nnx.Module):
         self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=std, dtype=pdt) if gated else None
         self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std=std, dtype=pdt)
         self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), std=std, dtype=pdt)
-        # Shared experts: always on, fused into one dense MLP of width n_shared * shared_dim.
+        # Shared experts: always on, fused into one dense MLP of width n_shared * shared_dim
+        # (arch.mlp.MLP, so it follows model.mlp_bias; routed experts never have biases).
         shared_dim = m.shared_mlp_dim or f
         self.shared = (MLP(cfg, rngs=rngs, mlp_dim=m.num_shared_experts * shared_dim)
                        if m.num_shared_experts else None)
@@ -282,9 +284,9 @@ class MoE(nnx.Module):
         b, t, d = x.shape
         if segment_ids is not None and segment_ids.shape != (b, t):
             raise ValueError(f"segment_ids.shape={segment_ids.shape} must be (batch, seq)={(b, t)}")
-        xf = x.astype(self.dtype).reshape(b * t, d)                           # [N, D]
         valid = None if segment_ids is None else segment_ids.reshape(-1) != 0  # [N]
-        logits, r = self.route(xf)
+        logits, r = self.route(x.reshape(b * t, d))  # from x itself, not its bf16 rounding
+        xf = x.astype(self.dtype).reshape(b * t, d)                           # [N, D]
         w = self.expert_weights()
 
         dropped = jnp.zeros((), jnp.float32)
@@ -379,6 +381,6 @@ def update_router_biases(model, aux, rate: float | None = None) -> None:
         raise ValueError(f"aux['expert_load'] has {loads.shape[0]} rows of {e} experts; the model "
                          f"has {sum(rows)} MoE layers (in moe_modules order: {[p for p, _ in mods]})")
     start = 0
-    for (_, mod), n in zip(mods, rows):
+    for (_, mod), n in zip(mods, rows, strict=True):
         update_router_bias(mod, loads[start:start + n].reshape(mod.router.kernel.shape[:-2] + (e,)), rate)
         start += n

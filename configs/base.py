@@ -11,6 +11,30 @@ from __future__ import annotations
 import ml_collections as mlc
 
 
+VARIANTS = ("tiny", "small", "full")
+
+
+def parse_arg(arg: str | None) -> tuple[str, dict]:
+    """'full,size=70b' -> ('full', {'size': '70b'}); a bare flag 'x' becomes {'x': True}."""
+    variant, *rest = (arg or "tiny").split(",")
+    opts = {}
+    for item in rest:
+        key, _, value = item.partition("=")
+        opts[key] = value if value else True
+    if variant not in VARIANTS:
+        raise ValueError(f"config variant {variant!r} must be one of {VARIANTS}")
+    return variant, opts
+
+
+def tiny_training(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Training settings of every `tiny` variant: byte-level stdlib corpus on a laptop CPU."""
+    c.model.vocab_size = 256
+    c.model.max_seq_len = 256
+    c.model.dtype = "float32"
+    c.data.seq_len, c.data.batch_size = 128, 16
+    return c
+
+
 def model_defaults() -> mlc.ConfigDict:
     m = mlc.ConfigDict()
     m.family = "llama"               # free-form name of the family (for HF export, logs)

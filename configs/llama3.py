@@ -7,25 +7,13 @@ arg: tiny | small | full, optionally ",size=8b|70b|405b" for full (default 8b).
 """
 from __future__ import annotations
 
-from configs.base import get_base_config
+from configs.base import get_base_config, parse_arg
 
 SIZES = {  # layers, d_model, heads, kv_heads, mlp_dim (Table 3 of the paper)
     "8b": (32, 4096, 32, 8, 14336),
     "70b": (80, 8192, 64, 8, 28672),
     "405b": (126, 16384, 128, 8, 53248),
 }
-
-
-def parse_arg(arg: str) -> tuple[str, dict]:
-    """'full,size=70b' -> ('full', {'size': '70b'}); a bare 'x' flag becomes {'x': True}."""
-    variant, *rest = (arg or "tiny").split(",")
-    opts = {}
-    for item in rest:
-        key, _, value = item.partition("=")
-        opts[key] = value if value else True
-    if variant not in ("tiny", "small", "full"):
-        raise ValueError(f"config variant {variant!r} must be one of ('tiny', 'small', 'full')")
-    return variant, opts
 
 
 def get_config(arg: str = "tiny"):

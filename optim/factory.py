@@ -74,7 +74,7 @@ def build_schedule(cfg, lr: float, total_steps: int | None) -> optax.Schedule:
 
 
 def build_optimizer(cfg, params=None, *, total_steps: int | None = None,
-                    overrides=None) -> optax.GradientTransformation:
+                    overrides=None, fused=None) -> optax.GradientTransformation:
     """The optimizer `cfg.name` as one optax GradientTransformation.
 
     Args:
@@ -84,13 +84,15 @@ def build_optimizer(cfg, params=None, *, total_steps: int | None = None,
         tree optax sees at `init` (pass the nnx.State there, as nnx.Optimizer does).
       total_steps: training steps, needed by the cosine and wsd schedules.
       overrides: labelling overrides, see `optim.labels.label_params`.
+      fused: fused weights that Muon treats as separate logical matrices, e.g.
+        `optim.mla_fused_splits(cfg.model)`; see `optim.labels.label_params`.
 
     Raises:
       ValueError: a bad config field, named with its allowed values.
     """
     _check_config(cfg)
     per_head = bool(_get(cfg, "muon_per_head", False))
-    label = lambda tree: label_params(tree, per_head=per_head, overrides=overrides)
+    label = lambda tree: label_params(tree, per_head=per_head, overrides=overrides, fused=fused)
     get_specs = spec_lookup(None if params is None else label(params), label)
 
     lr = build_schedule(cfg, _get(cfg, "lr"), total_steps)

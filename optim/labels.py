@@ -65,6 +65,9 @@ class ParamSpec:
       reason: a few words for the startup table.
       decay: weight decay applies (matrices of Muon and AdamW alike; not vectors, not
         stacked vectors like [layers, embed], not frozen variables).
+      split: (axis, sizes) of a fused Muon weight whose pieces are orthogonalised as
+        separate logical matrices; their specs sit at path + ("0",), path + ("1",), ...
+      piece: index of this piece of a fused weight (None for whole parameters).
     """
     path: Path
     shape: tuple[int, ...]
@@ -73,6 +76,8 @@ class ParamSpec:
     dims: MuonDimensionNumbers | None = None
     reason: str = ""
     decay: bool = False
+    split: tuple[int, tuple[int, ...]] | None = None
+    piece: int | None = None
 
     @property
     def name(self) -> str:
@@ -103,7 +108,8 @@ def path_key(path) -> Path:
     return tuple(keys)
 
 
-def _is_leaf(x) -> bool:
+def is_state_leaf(x) -> bool:
+    """Leaves of a parameter tree: nnx.Variables (with metadata) and optax MaskedNodes."""
     return isinstance(x, (nnx.Variable, optax.MaskedNode))
 
 
@@ -115,11 +121,12 @@ def map_params(fn: Callable[[Path, Any], Any], tree):
     """
     def f(path, x):
         return x if isinstance(x, optax.MaskedNode) else fn(path_key(path), x)
-    return jax.tree_util.tree_map_with_path(f, tree, is_leaf=_is_leaf)
+    return jax.tree_util.tree_map_with_path(f, tree, is_leaf=is_state_leaf)
 
 
 def label_params(params, *, per_head: bool = False,
-                 overrides: Mapping[str, str | MuonDimensionNumbers] | None = None
+                 overrides: Mapping[str, str | MuonDimensionNumbers] | None = None,
+                 fused: Mapping[str, tuple[str, Sequence[int]]] | None = None
                  ) -> dict[Path, ParamSpec]:
     """Label every parameter of `params` (an nnx.State, or a nested dict of arrays).
 
@@ -132,6 +139,10 @@ def label_params(params, *, per_head: bool = False,
         kv_heads become batch axes) instead of the whole projection.
       overrides: regex (searched in the "/"-joined path) -> group name or
         `MuonDimensionNumbers` (meaning Muon with those dims). First match wins.
+      fused: regex -> (logical axis name, sizes): a Muon weight that concatenates
+        several logical matrices along that axis (e.g. MLA's wkv_b = [k_C | v] on
+        head_dim); each piece is orthogonalised and scaled on its own. See
+        `mla_fused_splits`.
 
     Returns:
       {path: ParamSpec} in tree order.
@@ -148,7 +159,12 @@ def label_params(params, *, per_head: bool = False,
     specs: dict[Path, ParamSpec] = {}
 
     def visit(path: Path, x):
-        specs[path] = _label_one(path, x, per_head, overrides)
+        spec = specs[path] = _label_one(path, x, per_head, overrides)
+        for pat, (axis_name, sizes) in (fused or {}).items():
+            if spec.group == MUON and re.search(pat, spec.name):
+                specs[path], pieces = _split(spec, axis_name, tuple(sizes))
+                specs.update({p.path: p for p in pieces})
+                break
         return None
 
     map_params(visit, params)
@@ -181,6 +197,39 @@ def _label_one(path: Path, x, per_head: bool, overrides) -> ParamSpec:
     if (axes and "vocab" in axes) or "embedding" in path or "lm_head" in path:
         return spec(ADAMW, None, "embedding/head")
     return spec(MUON, _muon_dims(path, shape, axes, per_head), "hidden matrix")
+
+
+def _split(spec: ParamSpec, axis_name: str, sizes: tuple[int, ...]
+           ) -> tuple[ParamSpec, list[ParamSpec]]:
+    """`spec` marked as fused along `axis_name`, and the specs of its pieces."""
+    if spec.axes is None or axis_name not in spec.axes:
+        raise ValueError(f"fused split of {spec.name}: axis {axis_name!r} not in its axes {spec.axes}")
+    axis = spec.axes.index(axis_name)
+    if sum(sizes) != spec.shape[axis]:
+        raise ValueError(f"fused split of {spec.name}: {sizes=} must sum to {spec.shape[axis]} "
+                         f"(its {axis_name!r} axis)")
+    pieces = []
+    for i, n in enumerate(sizes):
+        shape = spec.shape[:axis] + (n,) + spec.shape[axis + 1:]
+        why = f"piece {i} of {axis_name} {'+'.join(map(str, sizes))}"
+        pieces.append(dataclasses.replace(spec, path=spec.path + (str(i),), shape=shape, piece=i,
+                                          reason=why))
+    return dataclasses.replace(spec, split=(axis, sizes), reason="fused"), pieces
+
+
+def mla_fused_splits(model_cfg) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """MLA's fused projections as separate logical matrices for Muon (empty without MLA).
+
+    wkv_a [embed, kv_lora_rank + rope] = [W_DKV | W_KR] (latent and shared rotary key),
+    wkv_b [kv_lora_rank, heads, nope + v] = [W_UK | W_UV] (keys and values).
+    """
+    mla = model_cfg.get("mla") if hasattr(model_cfg, "get") else None
+    if not mla:
+        return {}
+    return {
+        r"wkv_a/kernel$": ("latent", (mla["kv_lora_rank"], mla["qk_rope_head_dim"])),
+        r"wkv_b/kernel$": ("head_dim", (mla["qk_nope_head_dim"], mla["v_head_dim"])),
+    }
 
 
 def _n_batch(axes) -> int:
@@ -238,7 +287,8 @@ def group_counts(specs: Mapping[Path, ParamSpec]) -> dict[str, int]:
     """Number of parameter values per group."""
     counts = {g: 0 for g in GROUPS}
     for s in specs.values():
-        counts[s.group] += math.prod(s.shape)
+        if s.piece is None:  # a fused weight counts once, not again by its pieces
+            counts[s.group] += math.prod(s.shape)
     return counts
 
 
@@ -247,9 +297,11 @@ def param_table(specs: Mapping[Path, ParamSpec]) -> str:
     rows = [("parameter", "shape", "axes", "group", "muon matrices", "why")]
     for s in specs.values():
         mats = ""
-        if s.group == MUON:
+        if s.group == MUON and s.split is None:
             n, a, b = s.matrix_shape()
             mats = f"{n} x [{a}x{b}]"
+        elif s.split is not None:
+            mats = "split: " + " + ".join(str(n) for n in s.split[1])
         axes = "" if s.axes is None else ",".join(str(a) for a in s.axes)
         rows.append((s.name, "x".join(map(str, s.shape)) or "()", axes, s.group, mats, s.reason))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

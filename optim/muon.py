@@ -22,14 +22,19 @@ An orthogonal [A, B] matrix has RMS 1/sqrt(max(A, B)), so Moonlight's update RMS
 
 Stacked weights ([layers, ...], [expert, ...]) and multi-axis kernels are handled by
 `MuonDimensionNumbers` from optim/labels.py: each matrix of the stack is orthogonalised
-on its own (a vmap inside optax).
+on its own (a vmap inside optax). Fused weights (MLA's wkv_a = [W_DKV | W_KR], wkv_b =
+[W_UK | W_UV]) can be cut into their logical matrices (`split_fused`, optional).
 
 Sharded parameters (FSDP). Newton-Schulz is a chain of matmuls X X^T on the whole
 matrix. Under `jax.jit` with sharded inputs, XLA's SPMD partitioner computes those
 matmuls on the sharded operands and inserts the collectives itself (all-gathers of the
 sharded dimension, or partial sums with all-reduces), so the result equals the
-unsharded update with no code change here; tests/optim/test_muon.py checks this on 8
-devices. Cost: per step, about 5 x 3 matmuls of [min(A,B)]^2 x max(A,B) per matrix
+unsharded update. With jax's explicit sharding (the default axis type of
+`jax.make_mesh` since jax 0.9) a product like [A@fsdp, B] x [B, A@fsdp] is a sharding
+type error instead, so `auto_sharded` runs the Muon update under
+`jax.sharding.auto_axes` (XLA chooses the collectives as above) and returns updates and
+state with the shardings they came in with; tests/optim/test_muon.py checks that it
+equals the unsharded update on 8 devices. Cost: per step, about 5 x 3 matmuls of [min(A,B)]^2 x max(A,B) per matrix
 (~2% of a training step's FLOPs for a model with 4096-wide layers at 1M tokens per
 batch) plus communication of the order of one all-gather of each matrix per NS step.
 Moonlight's distributed Muon (gather each matrix once onto one device, orthogonalise
@@ -47,15 +52,17 @@ Example:
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
-from optim.labels import map_params
+from optim.labels import is_state_leaf, map_params, path_key
 
 SCALES = ("muon", "moonlight")
 MOONLIGHT_RMS = 0.2
@@ -121,13 +128,80 @@ def muon_chain(get_specs: Callable, *, learning_rate, scale: str = "moonlight",
         specs = get_specs(tree)
         return map_params(lambda p, _: specs[p].decay, tree)
 
-    return optax.chain(
+    return auto_sharded(split_fused(optax.chain(
         scale_by_muon(beta=beta, nesterov=nesterov, ns_steps=ns_steps, mu_dtype=mu_dtype,
                       weight_dimension_numbers=dims_fn(get_specs)),
         scale_by_shape(get_specs, scale, rms),
         optax.add_decayed_weights(weight_decay, decay_mask),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), get_specs))
+
+
+def split_fused(inner: optax.GradientTransformation, get_specs: Callable
+                ) -> optax.GradientTransformation:
+    """Run `inner` on fused weights cut into their logical matrices (ParamSpec.split).
+
+    A fused leaf becomes a tuple of pieces before `inner` (so momentum, Newton-Schulz and
+    the shape scale act per piece) and the pieces are concatenated back after it.
+    """
+    def split(tree):
+        specs = get_specs(tree)
+
+        def cut(p, x):
+            if specs[p].split is None:
+                return x
+            axis, sizes = specs[p].split
+            v = x.get_value() if isinstance(x, nnx.Variable) else x
+            return tuple(jnp.split(v, list(itertools.accumulate(sizes[:-1])), axis=axis))
+        return map_params(cut, tree)
+
+    def join(pieces, like):
+        specs = get_specs(like)
+
+        def glue(path, _, sub):
+            if isinstance(sub, optax.MaskedNode) or specs[path_key(path)].split is None:
+                return sub
+            return jnp.concatenate(sub, axis=specs[path_key(path)].split[0])
+        return jax.tree_util.tree_map_with_path(glue, like, pieces, is_leaf=is_state_leaf)
+
+    def init_fn(params):
+        return inner.init(split(params))
+
+    def update_fn(updates, state, params=None):
+        out, state = inner.update(split(updates), state, None if params is None else split(params))
+        return join(out, updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _explicit_sharding(x):
+    """x's NamedSharding if some mesh axis of it is Explicit, else None."""
+    sh = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sh, "mesh", None)
+    if mesh is None or not mesh.axis_names:
+        return None
+    explicit = jax.sharding.AxisType.Explicit
+    return sh if any(t == explicit for t in mesh.axis_types) else None
+
+
+def auto_sharded(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner`, with its update run in XLA's automatic sharding mode for explicit-sharded inputs.
+
+    Updates and state leave with the shardings they arrived with; unsharded or
+    auto-sharded inputs go straight to `inner`.
+    """
+    def update_fn(updates, state, params=None):
+        leaves = jax.tree.leaves((updates, state))
+        shardings = [_explicit_sharding(x) for x in leaves]
+        if not any(s is not None for s in shardings):
+            return inner.update(updates, state, params)
+        mesh = next(s.mesh for s in shardings if s is not None)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        out_sharding = jax.tree.map(lambda x: _explicit_sharding(x) or replicated, (updates, state))
+        return jax.sharding.auto_axes(lambda u, s, p: inner.update(u, s, p),
+                                      out_sharding=out_sharding)(updates, state, params)
+
+    return optax.GradientTransformation(inner.init, update_fn)
 
 
 def update_rms(updates) -> jax.Array:

@@ -226,7 +226,7 @@ class RadixCache:
 
 def _common_prefix_len(a: Sequence, b: Sequence) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # lengths differ: stop at the shorter
         if x != y:
             break
         n += 1

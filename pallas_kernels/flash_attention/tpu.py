@@ -7,8 +7,8 @@ blocks stream past it and an online softmax in f32 VMEM scratch (running max m, 
 sum l, accumulator acc) folds them in. The forward saves the log-sum-exp; the backward
 recomputes the probabilities from it in two kernels: dq (key blocks innermost) and
 dk/dv (query blocks and the query heads that share the kv head innermost, so GQA needs
-no K/V repeat and no reduction afterwards). Tiles the mask hides are skipped
-(tpu_mask.py).
+no K/V repeat and no reduction afterwards). Tiles the mask hides are skipped, and the index maps keep a
+resident block instead of fetching theirs (tpu_mask.py).
 
     import jax, jax.numpy as jnp
     from pallas_kernels.flash_attention import tpu
@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +136,7 @@ def _live(cfg, q_bounds_ref, kv_bounds_ref, *, batch, q_block, kv_block, num_q, 
 # ----------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(q_bounds_ref, kv_bounds_ref,  # scalar prefetch (SMEM)
+def _fwd_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,  # scalar prefetch (SMEM)
                 q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,  # inputs
                 o_ref, lse_ref,  # outputs
                 m_ref, l_ref, acc_ref,  # VMEM scratch, alive across the key-block axis
@@ -176,12 +177,20 @@ def _fwd_kernel(q_bounds_ref, kv_bounds_ref,  # scalar prefetch (SMEM)
         lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-def _token_specs(cfg: _Config, q_index, kv_index):
-    """BlockSpecs of the per-token arrays; `q_index(*grid)` -> (b, q block), same for kv."""
-    bq, bkv, mask = cfg.block_q, cfg.block_kv, cfg.mask
-    q_spec = pl.BlockSpec((None, bq, NUM_LANES), lambda *g: (*q_index(*g[:-2]), 0))
-    kv_spec = pl.BlockSpec((None, tpu_mask.NUM_SUBLANES, bkv),
-                           lambda *g: (kv_index(*g[:-2])[0], 0, kv_index(*g[:-2])[1]))
+def _token_specs(cfg: _Config, q_rows, kv_rows):
+    """BlockSpecs of the per-token arrays, following the blocks of q (`q_rows`) and k (`kv_rows`)."""
+    mask = cfg.mask
+
+    def q_map(*args):  # [B, Tq, 128]: (batch, q block, 0)
+        bi, _, qi, _ = q_rows(*args)
+        return bi, qi, 0
+
+    def kv_map(*args):  # [B, 8, Tk]: (batch, 0, kv block)
+        bi, _, kj, _ = kv_rows(*args)
+        return bi, 0, kj
+
+    q_spec = pl.BlockSpec((None, cfg.block_q, NUM_LANES), q_map)
+    kv_spec = pl.BlockSpec((None, tpu_mask.NUM_SUBLANES, cfg.block_kv), kv_map)
     use_pos = mask.uses_positions and mask.has_positions
     return [q_spec if use_pos else None, kv_spec if use_pos else None,
             q_spec if mask.has_segments else None, kv_spec if mask.has_segments else None]
@@ -201,20 +210,22 @@ def _forward(q, k, v, tokens, cfg: _Config):
     hkv, tk, dv = k.shape[1], k.shape[2], v.shape[3]
     group, bq, bkv = h // hkv, cfg.block_q, cfg.block_kv
     num_q, num_kv = tq // bq, tk // bkv
-    q_bounds, kv_bounds, *token_arrays = tokens
 
-    def kv_block(bi, hi, qi, kj, *_):  # GQA: query head hi reads kv head hi // group
-        return (bi, hi // group, kj, 0)
+    def q_rows(bi, hi, qi, kj, *_):  # q, o, lse
+        return bi, hi, qi, 0
+
+    def kv_rows(bi, hi, qi, kj, q_bounds, kv_bounds, kv_range):  # k, v
+        kj = tpu_mask.clamp_to_range(kj, kv_range, bi * num_q + qi)  # no DMA for dead tiles
+        return bi, hi // group, kj, 0  # GQA: query head hi reads kv head hi // group
 
     in_specs = [
-        pl.BlockSpec((None, None, bq, d), lambda bi, hi, qi, kj, *_: (bi, hi, qi, 0)),
-        pl.BlockSpec((None, None, bkv, d), kv_block),
-        pl.BlockSpec((None, None, bkv, dv), kv_block),
-        *_token_specs(cfg, lambda bi, hi, qi, kj: (bi, qi), lambda bi, hi, qi, kj: (bi, kj)),
+        pl.BlockSpec((None, None, bq, d), q_rows),
+        pl.BlockSpec((None, None, bkv, d), kv_rows),
+        pl.BlockSpec((None, None, bkv, dv), kv_rows),
+        *_token_specs(cfg, q_rows, kv_rows),
     ]
-    row = lambda bi, hi, qi, kj, *_: (bi, hi, qi, 0)
-    out_specs = [pl.BlockSpec((None, None, bq, dv), row),
-                 pl.BlockSpec((None, None, bq, NUM_LANES), row)]
+    out_specs = [pl.BlockSpec((None, None, bq, dv), q_rows),
+                 pl.BlockSpec((None, None, bq, NUM_LANES), q_rows)]
     out_shape = [jax.ShapeDtypeStruct((b, h, tq, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, h, tq, NUM_LANES), jnp.float32)]
     kernel = functools.partial(_fwd_kernel, cfg=cfg, num_q=num_q, num_kv=num_kv)
@@ -223,7 +234,7 @@ def _forward(q, k, v, tokens, cfg: _Config):
         o, lse = pl.pallas_call(
             kernel,
             grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=2,
+                num_scalar_prefetch=3,
                 grid=(b, h, num_q, num_kv),
                 in_specs=in_specs,
                 out_specs=out_specs,
@@ -237,7 +248,7 @@ def _forward(q, k, v, tokens, cfg: _Config):
             cost_estimate=_cost(q, k, flops_per_pair=2 * (d + dv), arrays=(q, k, v, out_shape)),
             interpret=cfg.interpret,
             name=name,
-        )(q_bounds, kv_bounds, q, k, v, *token_arrays)
+        )(tokens.q_bounds, tokens.kv_bounds, tokens.kv_range, q, k, v, *tokens.arrays)
     return o, lse[..., 0]  # lse was repeated over the lanes
 
 
@@ -259,7 +270,7 @@ def _logit_grad(p, do, v_ref, di_ref, t):
     return ds
 
 
-def _dq_kernel(q_bounds_ref, kv_bounds_ref,
+def _dq_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,
                q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
                lse_ref, di_ref, do_ref,
                dq_ref,
@@ -285,7 +296,7 @@ def _dq_kernel(q_bounds_ref, kv_bounds_ref,
         dq_ref[...] = (dq_acc_ref[...] * cfg.sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_bounds_ref, kv_bounds_ref,
+def _dkv_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,
                 q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
                 lse_ref, di_ref, do_ref,
                 dk_ref, dv_ref,
@@ -327,7 +338,6 @@ def _backward(q, k, v, tokens, lse, di, do, cfg: _Config):
     hkv, tk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     group, bq, bkv = h // hkv, cfg.block_q, cfg.block_kv
     num_q, num_kv = tq // bq, tk // bkv
-    q_bounds, kv_bounds, *token_arrays = tokens
     # A row with no kept key has lse = -inf and only -inf logits: use lse = +inf there so
     # its probabilities exp(-inf - inf) are 0, not NaN.
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
@@ -337,30 +347,30 @@ def _backward(q, k, v, tokens, lse, di, do, cfg: _Config):
     params = lambda *sem: pltpu.CompilerParams(dimension_semantics=sem)
 
     # dq: grid (batch, head, q block, kv block), kv blocks innermost.
-    def q_row(bi, hi, qi, kj, *_):
-        return (bi, hi, qi, 0)
+    def q_rows(bi, hi, qi, kj, *_):  # q, lse, di, do, dq
+        return bi, hi, qi, 0
 
-    def kv_row(bi, hi, qi, kj, *_):
-        return (bi, hi // group, kj, 0)
+    def kv_rows(bi, hi, qi, kj, q_bounds, kv_bounds, kv_range):  # k, v
+        return bi, hi // group, tpu_mask.clamp_to_range(kj, kv_range, bi * num_q + qi), 0
+
+    def row_specs(q_rows, kv_rows):
+        return [pl.BlockSpec((None, None, bq, d), q_rows),
+                pl.BlockSpec((None, None, bkv, d), kv_rows),
+                pl.BlockSpec((None, None, bkv, dv_dim), kv_rows),
+                *_token_specs(cfg, q_rows, kv_rows),
+                pl.BlockSpec((None, None, bq, NUM_LANES), q_rows),  # lse
+                pl.BlockSpec((None, None, bq, NUM_LANES), q_rows),  # di
+                pl.BlockSpec((None, None, bq, dv_dim), q_rows)]  # do
 
     name = f"flash_attention_tpu_dq_bq{bq}_bkv{bkv}"
     with jax.named_scope(name):
         dq = pl.pallas_call(
             functools.partial(_dq_kernel, **static),
             grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=2,
+                num_scalar_prefetch=3,
                 grid=(b, h, num_q, num_kv),
-                in_specs=[
-                    pl.BlockSpec((None, None, bq, d), q_row),
-                    pl.BlockSpec((None, None, bkv, d), kv_row),
-                    pl.BlockSpec((None, None, bkv, dv_dim), kv_row),
-                    *_token_specs(cfg, lambda bi, hi, qi, kj: (bi, qi),
-                                  lambda bi, hi, qi, kj: (bi, kj)),
-                    pl.BlockSpec((None, None, bq, NUM_LANES), q_row),  # lse
-                    pl.BlockSpec((None, None, bq, NUM_LANES), q_row),  # di
-                    pl.BlockSpec((None, None, bq, dv_dim), q_row),  # do
-                ],
-                out_specs=pl.BlockSpec((None, None, bq, d), q_row),
+                in_specs=row_specs(q_rows, kv_rows),
+                out_specs=pl.BlockSpec((None, None, bq, d), q_rows),
                 scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
             ),
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -369,34 +379,26 @@ def _backward(q, k, v, tokens, lse, di, do, cfg: _Config):
                                 arrays=(q, k, v, residuals, q)),
             interpret=cfg.interpret,
             name=name,
-        )(q_bounds, kv_bounds, q, k, v, *token_arrays, *residuals)
+        )(tokens.q_bounds, tokens.kv_bounds, tokens.kv_range, q, k, v, *tokens.arrays,
+          *residuals)
 
     # dk, dv: grid (batch, kv head, kv block, query head in group, q block).
-    def q_head_row(bi, hk, kj, g, qi, *_):
-        return (bi, hk * group + g, qi, 0)
+    def q_head_rows(bi, hk, kj, g, qi, q_bounds, kv_bounds, q_range):  # q, lse, di, do
+        return bi, hk * group + g, tpu_mask.clamp_to_range(qi, q_range, bi * num_kv + kj), 0
 
-    def kv_own(bi, hk, kj, g, qi, *_):
-        return (bi, hk, kj, 0)
+    def own_rows(bi, hk, kj, g, qi, *_):  # k, v, dk, dv
+        return bi, hk, kj, 0
 
     name = f"flash_attention_tpu_dkv_bq{bq}_bkv{bkv}"
     with jax.named_scope(name):
         dk, dv = pl.pallas_call(
             functools.partial(_dkv_kernel, group=group, **static),
             grid_spec=pltpu.PrefetchScalarGridSpec(
-                num_scalar_prefetch=2,
+                num_scalar_prefetch=3,
                 grid=(b, hkv, num_kv, group, num_q),
-                in_specs=[
-                    pl.BlockSpec((None, None, bq, d), q_head_row),
-                    pl.BlockSpec((None, None, bkv, d), kv_own),
-                    pl.BlockSpec((None, None, bkv, dv_dim), kv_own),
-                    *_token_specs(cfg, lambda bi, hk, kj, g, qi: (bi, qi),
-                                  lambda bi, hk, kj, g, qi: (bi, kj)),
-                    pl.BlockSpec((None, None, bq, NUM_LANES), q_head_row),  # lse
-                    pl.BlockSpec((None, None, bq, NUM_LANES), q_head_row),  # di
-                    pl.BlockSpec((None, None, bq, dv_dim), q_head_row),  # do
-                ],
-                out_specs=[pl.BlockSpec((None, None, bkv, d), kv_own),
-                           pl.BlockSpec((None, None, bkv, dv_dim), kv_own)],
+                in_specs=row_specs(q_head_rows, own_rows),
+                out_specs=[pl.BlockSpec((None, None, bkv, d), own_rows),
+                           pl.BlockSpec((None, None, bkv, dv_dim), own_rows)],
                 scratch_shapes=[pltpu.VMEM((bkv, d), jnp.float32),
                                 pltpu.VMEM((bkv, dv_dim), jnp.float32)],
             ),
@@ -407,28 +409,41 @@ def _backward(q, k, v, tokens, lse, di, do, cfg: _Config):
                                 arrays=(q, k, v, residuals, k, v)),
             interpret=cfg.interpret,
             name=name,
-        )(q_bounds, kv_bounds, q, k, v, *token_arrays, *residuals)
+        )(tokens.q_bounds, tokens.kv_bounds, tokens.q_range, q, k, v, *tokens.arrays,
+          *residuals)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------- custom_vjp
 
 
-def _tokens(raw, cfg: _Config, block_q: int, block_kv: int, tq_pad: int, tk_pad: int):
-    """(q_bounds, kv_bounds, q_pos, kv_pos, q_seg, kv_seg) laid out for one block size."""
+class _Tokens(NamedTuple):
+    """Per-token data laid out for one tiling (block_q, block_kv)."""
+
+    q_bounds: jax.Array  # [B * nq * 4] int32, flat for SMEM: tpu_mask.block_bounds
+    kv_bounds: jax.Array  # [B * nk * 4]
+    kv_range: jax.Array  # [B * nq * 2]: first, last live kv block of each q block
+    q_range: jax.Array  # [B * nk * 2]: first, last live q block of each kv block
+    arrays: tuple  # q_pos [B,Tq,128], kv_pos [B,8,Tk], q_seg, kv_seg; None where unused
+
+
+def _tokens(raw, cfg: _Config, tq_pad: int, tk_pad: int) -> _Tokens:
     q_pos, kv_pos, q_seg, kv_seg = raw  # [B, Tq] / [B, Tk] int32; segments may be None
-    pad = tpu_mask.pad_to
+    pad, mask = tpu_mask.pad_to, cfg.mask
     q_bounds = tpu_mask.block_bounds(
-        pad(q_pos, tq_pad), None if q_seg is None else pad(q_seg, tq_pad), block_q)
+        pad(q_pos, tq_pad), None if q_seg is None else pad(q_seg, tq_pad), cfg.block_q)
     kv_bounds = tpu_mask.block_bounds(
-        pad(kv_pos, tk_pad), None if kv_seg is None else pad(kv_seg, tk_pad), block_kv)
-    mask = cfg.mask
+        pad(kv_pos, tk_pad), None if kv_seg is None else pad(kv_seg, tk_pad), cfg.block_kv)
+    live = tpu_mask.tile_liveness(mask, q_bounds, kv_bounds)  # [B, nq, nk]
     use_pos = mask.uses_positions and mask.has_positions
-    return (q_bounds, kv_bounds,
-            tpu_mask.as_query_column(q_pos, tq_pad) if use_pos else None,
-            tpu_mask.as_key_row(kv_pos, tk_pad) if use_pos else None,
-            tpu_mask.as_query_column(q_seg, tq_pad) if mask.has_segments else None,
-            tpu_mask.as_key_row(kv_seg, tk_pad) if mask.has_segments else None)
+    return _Tokens(
+        q_bounds=q_bounds.reshape(-1), kv_bounds=kv_bounds.reshape(-1),
+        kv_range=tpu_mask.live_range(live).reshape(-1),
+        q_range=tpu_mask.live_range(jnp.swapaxes(live, 1, 2)).reshape(-1),
+        arrays=(tpu_mask.as_query_column(q_pos, tq_pad) if use_pos else None,
+                tpu_mask.as_key_row(kv_pos, tk_pad) if use_pos else None,
+                tpu_mask.as_query_column(q_seg, tq_pad) if mask.has_segments else None,
+                tpu_mask.as_key_row(kv_seg, tk_pad) if mask.has_segments else None))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -439,7 +454,7 @@ def _attention(q, k, v, raw_tokens, fwd_cfg: _Config, bwd_cfg: _Config):
 
 def _attention_fwd(q, k, v, raw_tokens, fwd_cfg, bwd_cfg):
     tq, tk = q.shape[2], k.shape[2]
-    tokens = _tokens(raw_tokens, fwd_cfg, fwd_cfg.block_q, fwd_cfg.block_kv, tq, tk)
+    tokens = _tokens(raw_tokens, fwd_cfg, tq, tk)
     o, lse = _forward(q, k, v, tokens, fwd_cfg)
     return (o, lse), (q, k, v, raw_tokens, o, lse)
 
@@ -450,7 +465,7 @@ def _attention_bwd(fwd_cfg, bwd_cfg, residuals, cotangents):
     do, dlse = cotangents
     di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1) - dlse  # [B,H,Tq]
     tq, tk = q.shape[2], k.shape[2]
-    tokens = _tokens(raw_tokens, bwd_cfg, bwd_cfg.block_q, bwd_cfg.block_kv, tq, tk)
+    tokens = _tokens(raw_tokens, bwd_cfg, tq, tk)
     dq, dk, dv = _backward(q, k, v, tokens, lse, di, do.astype(q.dtype), bwd_cfg)
     return dq, dk, dv, None
 

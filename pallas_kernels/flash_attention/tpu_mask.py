@@ -4,11 +4,13 @@ The rules are those of `reference.attention_mask` (causal, sliding window, segme
 on token positions). The kernels need them twice:
 
 * per block, to skip work: before touching a (query block, key block) tile the kernel
-  asks `block_is_live`, which compares the min/max position and segment id of each block
-  (`block_bounds`, computed once by XLA and prefetched into SMEM as scalars). The test
-  is conservative: a live tile may still be fully masked, a dead one never holds a kept
-  pair. Default positions make this the usual causal/banded tile skipping; explicit
-  positions (ring or striped attention) and packed documents get it for free.
+  asks `block_is_live`, which compares the min/max position and segment id of the two
+  blocks (`block_bounds`, computed once by XLA and prefetched into SMEM as scalars). The
+  test is conservative: a live tile may still be fully masked, a dead one never holds a
+  kept pair. Default positions give the usual causal/banded tile skipping; explicit
+  positions (ring or striped attention) and packed documents get it for free. The index
+  maps clamp the streamed block index into each row's first..last live tile
+  (`live_range`), so skipped tiles outside that range cost no DMA either.
 * per element, inside a live tile (`keep_mask`): positions come from `iota` when the
   caller gave none, or from position arrays; padded keys (the sequence rounded up to a
   whole block) are always dropped.
@@ -23,12 +25,16 @@ jax's own TPU flash and splash attention kernels.
     from pallas_kernels.flash_attention import tpu_mask
     spec = tpu_mask.MaskSpec(causal=True, sliding_window=None, has_segments=False,
                              has_positions=False, q_offset=0, kv_len=40, kv_padded_len=48)
-    pos = jnp.arange(48)[None]                                  # [B=1, T]
-    tpu_mask.block_bounds(pos, None, block=16)                  # [1 * 3 blocks * 4]
+    q_bounds = tpu_mask.block_bounds(jnp.arange(48)[None], None, block=16)  # [B=1, 3, 4]
+    kv_bounds = tpu_mask.block_bounds(jnp.arange(48)[None], None, block=8)   # [1, 6, 4]
+    live = tpu_mask.tile_liveness(spec, q_bounds, kv_bounds)  # [1, 3, 6], lower triangle
+    tpu_mask.live_range(live)                                 # [1, 3, 2]: first, last live
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -103,7 +109,7 @@ def as_key_row(x, padded_len: int):
 
 
 def block_bounds(positions, segment_ids, block: int):
-    """Min/max position and segment id of every block, flattened for SMEM.
+    """Min/max position and segment id of every block.
 
     Args:
       positions: [B, T_padded] int32, T_padded a multiple of `block`.
@@ -111,42 +117,79 @@ def block_bounds(positions, segment_ids, block: int):
       block: block length.
 
     Returns:
-      [B * num_blocks * 4] int32; block n of batch b starts at (b * num_blocks + n) * 4.
-      (1-D because SMEM pads 2-D arrays to (8, 128) tiles.)
+      [B, num_blocks, 4] int32: (min pos, max pos, min segment, max segment).
     """
     b, t = positions.shape
     pos = positions.reshape(b, t // block, block)  # [B, n, block]
     seg = jnp.zeros_like(pos) if segment_ids is None else segment_ids.reshape(pos.shape)
     bounds = jnp.stack([pos.min(-1), pos.max(-1), seg.min(-1), seg.max(-1)], axis=-1)
-    return bounds.astype(jnp.int32).reshape(-1)  # [B * n * 4]
+    return bounds.astype(jnp.int32)
+
+
+def _may_interact(spec: MaskSpec, q, kv):
+    """Whether tiles with bounds q, kv = (pos_lo, pos_hi, seg_lo, seg_hi) may hold a kept
+    pair. Works on scalars (in the kernel) and on broadcasting arrays (in XLA)."""
+    q_lo, q_hi, q_seg_lo, q_seg_hi = q
+    kv_lo, kv_hi, kv_seg_lo, kv_seg_hi = kv
+    conditions = []
+    if spec.uses_positions:  # the tile's differences q - kv span [q_lo - kv_hi, q_hi - kv_lo]
+        if spec.causal:
+            conditions.append(q_hi - kv_lo >= 0)
+        if spec.sliding_window is not None:
+            conditions.append(q_lo - kv_hi < spec.sliding_window)
+            if not spec.causal:
+                conditions.append(kv_lo - q_hi < spec.sliding_window)
+    if spec.has_segments:  # the two id ranges must overlap
+        conditions.append((q_seg_lo <= kv_seg_hi) & (kv_seg_lo <= q_seg_hi))
+    return functools.reduce(operator.and_, conditions) if conditions else True
+
+
+def tile_liveness(spec: MaskSpec, q_bounds, kv_bounds):
+    """[B, nq, 4], [B, nk, 4] block bounds -> [B, nq, nk] bool: tiles that may hold a kept pair."""
+    live = _may_interact(spec, tuple(q_bounds[:, :, None, c] for c in range(_BOUNDS)),
+                         tuple(kv_bounds[:, None, :, c] for c in range(_BOUNDS)))
+    shape = (q_bounds.shape[0], q_bounds.shape[1], kv_bounds.shape[1])
+    return jnp.broadcast_to(jnp.asarray(live), shape)
+
+
+def live_range(live):
+    """[..., n] bool -> [..., 2] int32: first and last live index ((0, 0) when none is).
+
+    Index maps clamp the block index into this range, so on the skipped steps before
+    the first live tile the first one is already being fetched, and after the last one
+    the resident block is kept: no DMA is spent on skipped tiles outside the range.
+    """
+    n = live.shape[-1]
+    index = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.min(jnp.where(live, index, n), axis=-1)
+    last = jnp.max(jnp.where(live, index, -1), axis=-1)
+    none = last < 0
+    return jnp.stack([jnp.where(none, 0, first), jnp.where(none, 0, last)], -1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------- kernel side (Mosaic)
 
 
-def _bounds(ref, batch, block, num_blocks):
-    base = (batch * num_blocks + block) * _BOUNDS
-    return tuple(ref[base + c] for c in range(_BOUNDS))
+def clamp_to_range(index, range_ref, row):
+    """`index` clamped into row `row` of a flattened `live_range` table (in SMEM)."""
+    return jnp.minimum(jnp.maximum(index, range_ref[2 * row]), range_ref[2 * row + 1])
 
 
 def block_is_live(spec: MaskSpec, q_bounds_ref, kv_bounds_ref, *, batch, q_block, kv_block,
                   num_q_blocks, num_kv_blocks):
-    """Whether the tile may hold a kept pair (scalar bool; Python True if nothing masks)."""
+    """In the kernel: whether this tile may hold a kept pair (Python True if nothing masks).
+
+    The bounds refs are flattened `block_bounds` in SMEM (1-D: SMEM pads 2-D arrays).
+    """
     if not (spec.uses_positions or spec.has_segments):
         return True
-    q_lo, q_hi, q_seg_lo, q_seg_hi = _bounds(q_bounds_ref, batch, q_block, num_q_blocks)
-    kv_lo, kv_hi, kv_seg_lo, kv_seg_hi = _bounds(kv_bounds_ref, batch, kv_block, num_kv_blocks)
-    live = jnp.bool_(True)
-    # The tile's position differences q - kv span [q_lo - kv_hi, q_hi - kv_lo].
-    if spec.causal:
-        live &= q_hi - kv_lo >= 0
-    if spec.sliding_window is not None:
-        live &= q_lo - kv_hi < spec.sliding_window
-        if not spec.causal:
-            live &= kv_lo - q_hi < spec.sliding_window
-    if spec.has_segments:  # the two id ranges must overlap
-        live &= (q_seg_lo <= kv_seg_hi) & (kv_seg_lo <= q_seg_hi)
-    return live
+
+    def bounds(ref, block, num_blocks):
+        base = (batch * num_blocks + block) * _BOUNDS
+        return tuple(ref[base + c] for c in range(_BOUNDS))
+
+    return _may_interact(spec, bounds(q_bounds_ref, q_block, num_q_blocks),
+                         bounds(kv_bounds_ref, kv_block, num_kv_blocks))
 
 
 def keep_mask(spec: MaskSpec, refs: TokenRefs, *, q_block, kv_block, block_q: int,

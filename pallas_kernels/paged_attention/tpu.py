@@ -87,7 +87,8 @@ def _kernel(
     last = pl.cdiv(length, block_k)
     first = 0
     if sliding_window is not None:
-        first = jnp.maximum(length - sliding_window, 0) // block_k
+        # lax.div: truncating division of a non-negative value, no sign op to lower
+        first = lax.div(jnp.maximum(length - sliding_window, 0), block_k)
 
     def copies(block, slot):
         """DMA descriptors of the K and V pages of `block` into buffer `slot`."""

@@ -4,12 +4,13 @@ The reference uses the paper's matrix names (W_DQ, W_UQ, W_QR, W_DKV, W_KR, W_UK
 W_O) and Hugging Face's own RoPE functions (`apply_rotary_pos_emb` and
 `apply_rotary_pos_emb_interleave`, transcribed), so it shares no code with the module.
 """
+
 import math
 
 import chex
-import ml_collections
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -26,8 +27,9 @@ def make_cfg(**mla_overrides):
     """A small odd-shaped model config (3 heads, T=7); `mla_overrides` replace MLA fields."""
     cfg = model_defaults()
     cfg.d_model, cfg.num_heads = 24, 3
-    mla = mla_defaults().to_dict() | dict(kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4,
-                                          v_head_dim=5)
+    mla = mla_defaults().to_dict() | dict(
+        kv_lora_rank=10, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5
+    )
     mla.update(mla_overrides)
     cfg.mla = ml_collections.ConfigDict(mla)
     return cfg
@@ -40,7 +42,7 @@ def make_layer(cfg, seed=0, layer_kind="global"):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
     new = []
-    for (path, leaf), key in zip(leaves, keys):
+    for (path, leaf), key in zip(leaves, keys, strict=True):
         noise = jax.random.normal(key, leaf.shape, leaf.dtype)
         is_norm_scale = "scale" in jax.tree_util.keystr(path)
         new.append(1.0 + 0.2 * noise if is_norm_scale else 0.3 * noise)
@@ -73,7 +75,7 @@ def hf_rope(x, pos, inv_freq, *, interleave, attention_factor=1.0):
     b, t, h, d = x.shape
     if interleave:  # q.view(b, h, s, d // 2, 2).transpose(4, 3).reshape(b, h, s, d)
         x = x.reshape(b, t, h, d // 2, 2).swapaxes(-1, -2).reshape(b, t, h, d)
-    rotate_half = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], -1)
+    rotate_half = np.concatenate([-x[..., d // 2 :], x[..., : d // 2]], -1)
     return x * cos + rotate_half * sin
 
 
@@ -95,7 +97,8 @@ def paper_weights(layer):
     w["W_UQ"], w["W_QR"] = wq[..., :nope], wq[..., nope:]
     wkv_a = f(layer.wkv_a.kernel)
     b_kv_a = np.zeros(wkv_a.shape[-1]) if layer.wkv_a.bias is None else f(layer.wkv_a.bias)
-    w["W_DKV"], w["W_KR"], w["b_DKV"], w["b_KR"] = wkv_a[:, :c], wkv_a[:, c:], b_kv_a[:c], b_kv_a[c:]
+    w["W_DKV"], w["b_DKV"] = wkv_a[:, :c], b_kv_a[:c]
+    w["W_KR"], w["b_KR"] = wkv_a[:, c:], b_kv_a[c:]
     w["g_kv"] = f(layer.kv_norm.scale)
     wkv_b = f(layer.wkv_b.kernel)
     w["W_UK"], w["W_UV"] = wkv_b[..., :nope], wkv_b[..., nope:]
@@ -104,12 +107,26 @@ def paper_weights(layer):
     return w
 
 
-def mla_reference(h, w, pos, seg, *, sm_scale, inv_freq, interleave, eps, causal=True,
-                  window=None, attention_factor=1.0):
+def mla_reference(
+    h,
+    w,
+    pos,
+    seg,
+    *,
+    sm_scale,
+    inv_freq,
+    interleave,
+    eps,
+    causal=True,
+    window=None,
+    attention_factor=1.0,
+):
     """DeepSeek-V2 eqs. (37)-(47) in float64. Returns (u [B,T,D], max logit per head [H])."""
     h = np.asarray(h, np.float64)
     pos = np.asarray(pos)
-    rope = lambda x: hf_rope(x, pos, inv_freq, interleave=interleave, attention_factor=attention_factor)
+    rope = lambda x: hf_rope(
+        x, pos, inv_freq, interleave=interleave, attention_factor=attention_factor
+    )
     if "W_DQ" in w:
         c_q = rms(h @ w["W_DQ"] + w["b_DQ"], w["g_q"], eps)  # (37)
     else:
@@ -142,18 +159,21 @@ def mla_reference(h, w, pos, seg, *, sm_scale, inv_freq, interleave, eps, causal
 
 
 def reference_for(layer, cfg, x, pos, seg, **kw):
+    """`mla_reference` for this layer's weights and config; `kw` overrides its arguments."""
     inv_freq, _ = rope_frequencies(cfg.mla.qk_rope_head_dim, cfg.rope_theta)
     qk = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim
-    kw = dict(sm_scale=qk**-0.5, inv_freq=inv_freq, interleave=cfg.rope_interleaved,
-              eps=cfg.norm_eps, causal=cfg.causal) | kw
+    defaults = dict(sm_scale=qk**-0.5, inv_freq=inv_freq, interleave=cfg.rope_interleaved)
+    kw = defaults | dict(eps=cfg.norm_eps, causal=cfg.causal) | kw
     return mla_reference(x, paper_weights(layer), pos, seg, **kw)
 
 
 # ---------------------------------------------------------------------------- naive vs the paper
 
 
-@pytest.mark.parametrize("q_lora_rank,interleaved,bias", [
-    (12, False, False), (12, True, True), (None, False, False), (None, True, True)])
+@pytest.mark.parametrize(
+    "q_lora_rank,interleaved,bias",
+    [(12, False, False), (12, True, True), (None, False, False), (None, True, True)],
+)
 def test_naive_matches_paper_reference(q_lora_rank, interleaved, bias):
     cfg = make_cfg(q_lora_rank=q_lora_rank)
     cfg.rope_interleaved, cfg.attn_bias, cfg.attn_out_bias = interleaved, bias, bias
@@ -173,8 +193,9 @@ def test_non_causal_and_local_window_match_reference():
     layer = make_layer(cfg)
     x, pos, _ = inputs(cfg, packed=False)
     y, _ = layer(x, positions=pos)
-    chex.assert_trees_all_close(y, reference_for(layer, cfg, x, pos, None)[0].astype(np.float32),
-                                atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+        y, reference_for(layer, cfg, x, pos, None)[0].astype(np.float32), atol=1e-5, rtol=1e-5
+    )
 
     cfg = make_cfg(q_lora_rank=8)
     cfg.sliding_window, cfg.rope_local_theta = 3, 500.0
@@ -198,7 +219,10 @@ def test_parameter_names_shapes_and_axes():
         ("wo", "kernel"): ((h, v, d), ("heads", "head_dim", "embed")),
     }
     layer = MLAttention(cfg, rngs=nnx.Rngs(params=0))
-    got = {p: (var[...].shape, var.get_metadata()["out_sharding"]) for p, var in flat_params(layer).items()}
+    got = {
+        p: (var[...].shape, var.get_metadata()["out_sharding"])
+        for p, var in flat_params(layer).items()
+    }
     assert got == expected
     layer = MLAttention(make_cfg(q_lora_rank=None), rngs=nnx.Rngs(params=0))
     got = {p: var[...].shape for p, var in flat_params(layer).items()}
@@ -209,7 +233,9 @@ def test_parameter_names_shapes_and_axes():
 # ---------------------------------------------------------------------------- absorbed vs naive
 
 
-@pytest.mark.parametrize("q_lora_rank,causal,packed", [(12, True, True), (None, True, False), (12, False, True)])
+@pytest.mark.parametrize(
+    "q_lora_rank,causal,packed", [(12, True, True), (None, True, False), (12, False, True)]
+)
 def test_absorbed_equals_naive_f32(q_lora_rank, causal, packed):
     cfg = make_cfg(q_lora_rank=q_lora_rank)
     cfg.causal, cfg.track_max_logits = causal, True
@@ -218,7 +244,9 @@ def test_absorbed_equals_naive_f32(q_lora_rank, causal, packed):
     y_naive, aux_naive = layer(x, positions=pos, segment_ids=seg, absorb=False)
     y_abs, aux_abs = layer(x, positions=pos, segment_ids=seg, absorb=True)
     chex.assert_trees_all_close(y_abs, y_naive, atol=2e-6, rtol=2e-6)
-    chex.assert_trees_all_close(aux_abs["max_logits"], aux_naive["max_logits"], atol=2e-6, rtol=2e-6)
+    chex.assert_trees_all_close(
+        aux_abs["max_logits"], aux_naive["max_logits"], atol=2e-6, rtol=2e-6
+    )
 
 
 def test_absorb_config_switch():
@@ -227,8 +255,9 @@ def test_absorb_config_switch():
     assert layer.absorb
     x, pos, seg = inputs(cfg)
     y, _ = layer(x, positions=pos, segment_ids=seg)
-    chex.assert_trees_all_close(y, reference_for(layer, cfg, x, pos, seg)[0].astype(np.float32),
-                                atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+        y, reference_for(layer, cfg, x, pos, seg)[0].astype(np.float32), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_absorbed_equals_naive_bf16():
@@ -258,7 +287,14 @@ def test_gradients_naive_vs_absorbed():
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
     chex.assert_trees_all_close(grad(params, x, True), grad(params, x, False), atol=1e-5, rtol=1e-5)
     # The shared gradient is itself right: finite differences on the naive path.
-    check_grads(jax.jit(lambda x: loss(params, x, False)), (x,), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+    check_grads(
+        jax.jit(lambda x: loss(params, x, False)),
+        (x,),
+        order=1,
+        modes=("rev",),
+        atol=2e-2,
+        rtol=2e-2,
+    )
 
 
 def test_absorbed_decode_from_latent_matches_full_forward():
@@ -271,9 +307,20 @@ def test_absorbed_decode_from_latent_matches_full_forward():
     c_kv, k_pe = layer.latent_kv(x, pos)  # the cache: [B, S, C], [B, S, rope]
     w_uk, w_uv = layer.up_weights()
     kv_idx = jnp.broadcast_to(jnp.arange(T), (B, T))
-    o, _ = mla_attention(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, absorb=True, sm_scale=layer.sm_scale,
-                         causal=True, segment_ids=(seg[:, -1:], seg), q_positions=kv_idx[:, -1:],
-                         kv_positions=kv_idx)
+    o, _ = mla_attention(
+        q_nope,
+        q_pe,
+        c_kv,
+        k_pe,
+        w_uk,
+        w_uv,
+        absorb=True,
+        sm_scale=layer.sm_scale,
+        causal=True,
+        segment_ids=(seg[:, -1:], seg),
+        q_positions=kv_idx[:, -1:],
+        kv_positions=kv_idx,
+    )
     chex.assert_shape(o, (B, 1, cfg.num_heads, cfg.mla.v_head_dim))
     chex.assert_trees_all_close(layer.wo(o), y_full[:, -1:], atol=2e-6, rtol=2e-6)
 
@@ -299,8 +346,15 @@ def test_rope_is_relative(absorb, interleaved):
 @pytest.mark.parametrize("mscale,mscale_all_dim", [(1.0, 1.0), (0.707, 0.707), (1.0, 0.5)])
 def test_yarn_softmax_scale_and_output(mscale, mscale_all_dim):
     factor = 40.0
-    scaling = dict(type="yarn", factor=factor, original_max_position_embeddings=16,
-                   beta_fast=32.0, beta_slow=1.0, mscale=mscale, mscale_all_dim=mscale_all_dim)
+    scaling = dict(
+        type="yarn",
+        factor=factor,
+        original_max_position_embeddings=16,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=mscale,
+        mscale_all_dim=mscale_all_dim,
+    )
     # HF DeepseekV3Attention: scaling = qk_head_dim**-0.5 * yarn_get_mscale(factor, mscale_all_dim)**2
     hf_mscale = lambda scale, m: 0.1 * m * math.log(scale) + 1.0
     expected = (6 + 4) ** -0.5 * hf_mscale(factor, mscale_all_dim) ** 2
@@ -315,8 +369,16 @@ def test_yarn_softmax_scale_and_output(mscale, mscale_all_dim):
     x, pos, seg = inputs(cfg)
     y, _ = layer(x, positions=pos, segment_ids=seg)
     inv_freq, _ = rope_frequencies(4, cfg.rope_theta, scaling)
-    y_ref, _ = reference_for(layer, cfg, x, pos, seg, sm_scale=expected, inv_freq=inv_freq,
-                             attention_factor=attention_factor)
+    y_ref, _ = reference_for(
+        layer,
+        cfg,
+        x,
+        pos,
+        seg,
+        sm_scale=expected,
+        inv_freq=inv_freq,
+        attention_factor=attention_factor,
+    )
     chex.assert_trees_all_close(y, y_ref.astype(np.float32), atol=1e-5, rtol=1e-5)
 
 
@@ -329,15 +391,18 @@ def test_softmax_scale_without_mscale_all_dim():
 # ---------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("kv_lora_rank", None, "kv_lora_rank"),
-    ("kv_lora_rank", 0, "kv_lora_rank"),
-    ("qk_nope_head_dim", -1, "qk_nope_head_dim"),
-    ("qk_rope_head_dim", 5, "qk_rope_head_dim"),
-    ("v_head_dim", 2.5, "v_head_dim"),
-    ("q_lora_rank", 0, "q_lora_rank"),
-    ("absorb", "yes", "absorb"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("kv_lora_rank", None, "kv_lora_rank"),
+        ("kv_lora_rank", 0, "kv_lora_rank"),
+        ("qk_nope_head_dim", -1, "qk_nope_head_dim"),
+        ("qk_rope_head_dim", 5, "qk_rope_head_dim"),
+        ("v_head_dim", 2.5, "v_head_dim"),
+        ("q_lora_rank", 0, "q_lora_rank"),
+        ("absorb", "yes", "absorb"),
+    ],
+)
 def test_bad_mla_config_raises(field, value, match):
     cfg = make_cfg(**{field: value})
     with pytest.raises(ValueError, match=match):

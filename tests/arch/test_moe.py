@@ -1,6 +1,7 @@
 """MoE layer against independent references: numpy loops over tokens written from the
 papers' formulas (GShard/Switch capacity and aux loss, ST-MoE z-loss, DeepSeek-V3
 group-limited routing and aux-loss-free balancing) and the dense jnp reference."""
+import functools
 import math
 
 import chex
@@ -121,6 +122,11 @@ def make_moe(seed=0, *, init_std=0.3, activation="swiglu", **moe_overrides):
     return MoE(cfg, rngs=nnx.Rngs(seed))
 
 
+@nnx.jit
+def apply(moe, x, segment_ids=None):
+    return moe(x, segment_ids=segment_ids)
+
+
 def np_weights(moe):
     g = None if moe.w_gate is None else np.asarray(moe.w_gate[...], np.float64)
     return g, np.asarray(moe.w_up[...], np.float64), np.asarray(moe.w_down[...], np.float64)
@@ -190,8 +196,8 @@ def test_dropless_equals_dense_reference_and_bruteforce(gated):
     w = rand_weights(jax.random.key(0), e, d, f, gated)
     x = jax.random.normal(jax.random.key(1), (n, d))
     experts, weights = rand_assignments(np.random.default_rng(0), n, e, k, skew=[5, 1, 1, 1, 0.2])
-    y = dropless_moe(x, experts, weights, w, act)
-    y_ref = moe_dense_reference(x, experts, weights, w, act)
+    y = jax.jit(dropless_moe, static_argnums=4)(x, experts, weights, w, act)
+    y_ref = jax.jit(moe_dense_reference, static_argnums=4)(x, experts, weights, w, act)
     y_np = np_moe(np.asarray(x, np.float64), experts, weights,
                   *(None if a is None else np.asarray(a, np.float64) for a in w), act=np_act)
     chex.assert_trees_all_close(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -208,8 +214,8 @@ def test_dropless_grads_equal_dense_reference():
     def loss(fn):
         return lambda x, w, g: jnp.sum(fn(x, experts, g, w, jax.nn.silu) * ct)
 
-    g_fast = jax.grad(loss(dropless_moe), argnums=(0, 1, 2))(x, w, jnp.asarray(weights))
-    g_ref = jax.grad(loss(moe_dense_reference), argnums=(0, 1, 2))(x, w, jnp.asarray(weights))
+    g_fast = jax.jit(jax.grad(loss(dropless_moe), argnums=(0, 1, 2)))(x, w, jnp.asarray(weights))
+    g_ref = jax.jit(jax.grad(loss(moe_dense_reference), argnums=(0, 1, 2)))(x, w, jnp.asarray(weights))
     chex.assert_trees_all_close(g_fast, g_ref, rtol=1e-5, atol=1e-5)
     # The reference's own gradients against finite differences.
     check_grads(lambda x, wu, wd: moe_dense_reference(x, experts, weights, w._replace(w_up=wu, w_down=wd), jax.nn.silu),
@@ -221,9 +227,9 @@ def test_dropless_bf16_close_to_f32_reference():
     w = rand_weights(jax.random.key(8), e, d, f, std=0.25)
     x = jax.random.normal(jax.random.key(9), (n, d))
     experts, weights = rand_assignments(np.random.default_rng(2), n, e, k)
-    y16 = dropless_moe(x.astype(jnp.bfloat16), experts, weights, w, jax.nn.silu)
+    y16 = jax.jit(dropless_moe, static_argnums=4)(x.astype(jnp.bfloat16), experts, weights, w, jax.nn.silu)
     assert y16.dtype == jnp.bfloat16
-    y_ref = moe_dense_reference(x, experts, weights, w, jax.nn.silu)
+    y_ref = jax.jit(moe_dense_reference, static_argnums=4)(x, experts, weights, w, jax.nn.silu)
     scale = float(jnp.abs(y_ref).max())
     chex.assert_trees_all_close(y16.astype(jnp.float32), y_ref, atol=3e-2 * scale, rtol=0)
 
@@ -238,18 +244,32 @@ def test_module_dropless_equals_dense_values_and_grads():
         y, aux = m(x, segment_ids=seg)
         return jnp.sum(jnp.sin(y)), y
 
-    (_, y1), g1 = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(fast, x)
-    (_, y2), g2 = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(ref, x)
+    grad_fn = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, y1), g1 = grad_fn(fast, x)
+    (_, y2), g2 = grad_fn(ref, x)
     chex.assert_trees_all_close(y1, y2, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(g1, g2, rtol=1e-4, atol=1e-6)
     assert float(jnp.abs(g1[0].router.kernel[...]).max()) > 0  # router learns through weights
+
+
+def test_module_bf16_compute_close_to_f32_dense():
+    """bf16 compute, f32 params and router: same routing, output within bf16 error."""
+    cfg16 = make_cfg(dispatch="dropless")
+    cfg16.init_std, cfg16.dtype = 0.3, "bfloat16"
+    fast16, ref = MoE(cfg16, rngs=nnx.Rngs(9)), make_moe(9, dispatch="dense")
+    x = jax.random.normal(jax.random.key(20), (2, 9, 16))
+    (y16, a16), (y32, a32) = apply(fast16, x), apply(ref, x)
+    assert y16.dtype == jnp.float32  # output in the input's dtype
+    np.testing.assert_array_equal(np.asarray(a16["expert_load"]), np.asarray(a32["expert_load"]))
+    scale = float(jnp.abs(y32).max())
+    chex.assert_trees_all_close(y16, y32, atol=3e-2 * scale, rtol=0)
 
 
 def test_module_matches_numpy_bruteforce_sigmoid_scaled_grouped():
     moe = make_moe(1, score_func="sigmoid", routed_scaling_factor=2.5, n_group=4, topk_group=2,
                    norm_topk_prob=True)
     x = jax.random.normal(jax.random.key(11), (3, 5, 16))
-    y, _ = moe(x)
+    y, _ = apply(moe, x)
     xn = np.asarray(x, np.float64).reshape(15, 16)
     e_np, w_np = np_route(xn @ np.asarray(moe.router.kernel[...], np.float64), top_k=2,
                           score_func="sigmoid", scale=2.5, n_group=4, topk_group=2)
@@ -261,7 +281,7 @@ def test_shared_experts_added():
     moe = make_moe(2, num_shared_experts=2, shared_mlp_dim=5)
     assert moe.shared.up.kernel.shape == (16, 10)  # 2 shared experts of width 5, fused
     x = jax.random.normal(jax.random.key(12), (2, 4, 16))
-    y, _ = moe(x)
+    y, _ = apply(moe, x)
     xn = np.asarray(x, np.float64).reshape(8, 16)
     e_np, w_np = np_route(xn @ np.asarray(moe.router.kernel[...], np.float64), top_k=2)
     routed = np_moe(xn, e_np, w_np, *np_weights(moe))
@@ -288,8 +308,8 @@ def test_capacity_drops_exactly_the_numpy_reference(use_padding):
     cap = math.ceil(0.5 * n * k / e)
     w = rand_weights(jax.random.key(13), e, d, f)
     x = jax.random.normal(jax.random.key(14), (n, d))
-    y, keep = capacity_moe(x, experts, weights, w, jax.nn.silu, capacity=cap,
-                           valid=None if valid is None else jnp.asarray(valid))
+    fn = jax.jit(functools.partial(capacity_moe, act=jax.nn.silu, capacity=cap))
+    y, keep = fn(x, experts, weights, w, valid=None if valid is None else jnp.asarray(valid))
     keep_np = np_capacity_keep(experts, e, cap, valid)
     assert 0 < (~keep_np).sum() < n * k - 4  # some dropped, some kept: the test can fail
     np.testing.assert_array_equal(np.asarray(keep), keep_np)
@@ -318,7 +338,7 @@ def test_capacity_equals_dense_when_capacity_is_large():
     cap_moe = make_moe(4, dispatch="capacity", capacity_factor=float(8 / 2))  # C = N
     dense = make_moe(4, dispatch="dense")
     x = jax.random.normal(jax.random.key(16), (2, 6, 16))
-    (y1, a1), (y2, _) = cap_moe(x), dense(x)
+    (y1, a1), (y2, _) = apply(cap_moe, x), apply(dense, x)
     chex.assert_trees_all_close(y1, y2, rtol=1e-5, atol=1e-6)
     assert float(a1["dropped_fraction"]) == 0.0
 
@@ -329,7 +349,7 @@ def test_aux_loss_z_loss_and_load_by_hand(score_func):
     moe = make_moe(5, score_func=score_func, aux_loss_coef=0.01, z_loss_coef=1e-3)
     x = jax.random.normal(jax.random.key(17), (2, 8, 16))
     seg = jnp.array([[1] * 5 + [0] * 3, [1] * 3 + [2] * 5])
-    _, aux = moe(x, segment_ids=seg)
+    _, aux = apply(moe, x, seg)
     xn = np.asarray(x, np.float64).reshape(16, 16)
     logits = xn @ np.asarray(moe.router.kernel[...], np.float64)
     mask = np.asarray(seg).reshape(-1) != 0
@@ -354,7 +374,7 @@ def test_aux_loss_is_alpha_for_uniform_router_and_sequence_wise():
     moe = make_moe(6, aux_loss_coef=0.1, aux_loss_granularity="sequence")
     x = jax.random.normal(jax.random.key(18), (3, 6, 16))
     seg = jnp.array([[1] * 6, [1] * 2 + [0] * 4, [0] * 6])
-    _, aux = moe(x, segment_ids=seg)
+    _, aux = apply(moe, x, seg)
     xn = np.asarray(x, np.float64).reshape(3, 6, 16)
     w_r = np.asarray(moe.router.kernel[...], np.float64)
     per_row = []

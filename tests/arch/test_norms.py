@@ -27,7 +27,8 @@ def np_layer_norm(x, w, b, eps):
 
 
 def rand(shape, seed, dtype=jnp.float32, scale=1.0, shift=0.0):
-    return (jax.random.normal(jax.random.PRNGKey(seed), shape) * scale + shift).astype(dtype)
+    # numpy draws: no per-shape XLA compile for test inputs.
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale + shift, dtype)
 
 
 @pytest.mark.parametrize("unit_offset", [False, True])
@@ -64,7 +65,7 @@ def test_layernorm_module_matches_formula(use_bias):
 def test_bf16_input_is_normalised_in_f32():
     x = rand((4, 64), 0, jnp.bfloat16, scale=30.0, shift=100.0)
     w = rand((64,), 1, scale=0.3, shift=1.0)
-    x32 = np.asarray(x.astype(jnp.float32))
+    x32 = np.asarray(x, np.float32)
     for got, want in [
         (rms_norm_reference(x, w, 1e-6), np_rms_norm(x32, w, 1e-6)),
         (rms_norm_reference(x, w, 1e-6, unit_offset=True), np_rms_norm(x32, w, 1e-6, True)),
@@ -73,7 +74,7 @@ def test_bf16_input_is_normalised_in_f32():
         assert got.dtype == jnp.bfloat16
         # One bf16 rounding of the result (8 bits of mantissa), not of the statistics:
         # with mean 100 and std 30, a bf16 variance would be off by far more.
-        chex.assert_trees_all_close(np.asarray(got.astype(jnp.float32)), want, atol=1e-2, rtol=8e-3)
+        chex.assert_trees_all_close(np.asarray(got, np.float32), want, atol=1e-2, rtol=8e-3)
 
 
 @pytest.mark.parametrize("norm,kind", [("rmsnorm", RMSNorm), ("layernorm", LayerNorm)])

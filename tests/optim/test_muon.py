@@ -183,6 +183,12 @@ def test_newton_schulz_singular_values(shape, dtype):
 
 
 def test_moonlight_update_rms_is_point_two_lr():
+    """Moonlight: RMS(update) = 0.2 * lr * RMS(singular values of NS5(G)).
+
+    With exactly orthogonal NS output that is 0.2 * lr. NS5's coefficients stop short of
+    convergence (singular values ~0.7..1.13), so for Gaussian gradients the RMS is
+    0.82-0.88 x 0.2 * lr: we check the exact prediction to 1% and 0.2 * lr to 20%.
+    """
     shapes = [(64, 64), (128, 32), (32, 96), (4, 32, 48)]
     axes = [("embed", "mlp"), ("mlp", "embed"), ("embed", "mlp"), ("expert", "embed", "mlp")]
     params = nnx.State({f"w{i}": logical_param(jnp.zeros(s), a) for i, (s, a) in enumerate(zip(shapes, axes))})
@@ -190,8 +196,12 @@ def test_moonlight_update_rms_is_point_two_lr():
     lr = 0.003
     u = _first_update(params, grads, name="moonlight", lr=lr)
     for n, x in u.items():
-        rms = float(update_rms({n: x}))
-        assert abs(rms / (0.2 * lr) - 1) < 0.1, (n, rms / (0.2 * lr))
+        ratio = float(update_rms({n: x})) / (0.2 * lr)
+        g = np.asarray(grads[n], np.float64).reshape((-1,) + x.shape[-2:])
+        sv = np.concatenate([np.linalg.svd(m, compute_uv=False) / np.linalg.norm(m) for m in g])
+        predicted = np.sqrt(np.mean(ns5_scalar(sv) ** 2))
+        np.testing.assert_allclose(ratio, predicted, rtol=0.01, err_msg=n)
+        assert 0.8 < ratio < 1.0, (n, ratio)
 
 
 def test_stacked_experts_equal_per_slice_loop():

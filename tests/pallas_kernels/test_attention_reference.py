@@ -18,7 +18,7 @@ from jax.test_util import check_grads
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import max_logits_reference as _max_logits_reference
 from pallas_kernels.flash_attention import mha_reference as _mha_reference
-from pallas_kernels.flash_attention.reference import attention_mask
+from pallas_kernels.flash_attention.reference import attention_mask as _attention_mask
 
 
 def allowed(qp, kp, *, causal, window, qs=None, ks=None):
@@ -81,6 +81,7 @@ def rand_qkv(b, tq, tk, h, hkv, d, seed=0, dtype=jnp.float32, dv=None, q_scale=1
 _STATIC = ("causal", "sliding_window", "logit_soft_cap", "sm_scale")
 mha_reference = jax.jit(_mha_reference, static_argnames=_STATIC + ("return_lse",))
 attention = jax.jit(flash_attention, static_argnames=_STATIC + ("impl", "block_sizes"))
+attention_mask = jax.jit(_attention_mask, static_argnums=(0, 1, 2), static_argnames=("causal", "sliding_window"))
 max_logits_reference = jax.jit(_max_logits_reference, static_argnames=("causal", "sliding_window", "sm_scale"))
 
 
@@ -142,16 +143,15 @@ def test_reference_matches_brute_force(name):
     chex.assert_shape(o, (b, t, c["h"], 6))
     chex.assert_trees_all_close(np.asarray(o), want_o, atol=2e-5, rtol=1e-5)
     chex.assert_trees_all_close(np.asarray(lse), want_lse, atol=2e-5, rtol=1e-5)
-    # The api with the reference backend, and "auto" (reference on CPU), give the same.
-    for impl in ("reference", "auto"):
-        chex.assert_trees_all_close(np.asarray(attention(q, k, v, impl=impl, **kw)), want_o, atol=2e-5, rtol=1e-5)
+    # The api's default "auto" (the reference on CPU) gives the same.
+    chex.assert_trees_all_close(np.asarray(attention(q, k, v, **kw)), want_o, atol=2e-5, rtol=1e-5)
 
 
 def test_gqa_equals_mha_with_repeated_kv():
     q, k, v = rand_qkv(2, 6, 6, 6, 2, 4, seed=3)
     o = mha_reference(q, k, v, causal=True, sliding_window=4)
     # Query head h uses kv head h // (H / Hkv): repeat each kv head 3 times, consecutively.
-    k_rep, v_rep = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
+    k_rep, v_rep = (jnp.asarray(np.repeat(np.asarray(a), 3, axis=2)) for a in (k, v))
     o_mha = mha_reference(q, k_rep, v_rep, causal=True, sliding_window=4)
     want, _, _ = brute_force(q, k_rep, v_rep, causal=True, window=4)
     chex.assert_trees_all_close(o, o_mha, atol=1e-6)
@@ -176,15 +176,16 @@ def test_causal_differs_from_bidirectional_only_below_the_last_row():
 
 def test_q_shorter_than_kv_is_aligned_at_the_end():
     q, k, v = rand_qkv(2, 8, 8, 4, 2, 8, seed=6)
+    q_tail = jnp.asarray(np.asarray(q)[:, -3:])
     full = mha_reference(q, k, v, causal=True, sliding_window=5)
-    tail = mha_reference(q[:, -3:], k, v, causal=True, sliding_window=5)
+    tail = mha_reference(q_tail, k, v, causal=True, sliding_window=5)
     chex.assert_trees_all_close(tail, full[:, -3:], atol=1e-6)
-    want, _, _ = brute_force(q[:, -3:], k, v, causal=True, window=5)
+    want, _, _ = brute_force(q_tail, k, v, causal=True, window=5)
     chex.assert_trees_all_close(np.asarray(tail), want, atol=2e-5)
     # Explicit positions give the same thing.
     qp = jnp.broadcast_to(jnp.arange(5, 8), (2, 3))
     kp = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    chex.assert_trees_all_close(mha_reference(q[:, -3:], k, v, causal=True, sliding_window=5,
+    chex.assert_trees_all_close(mha_reference(q_tail, k, v, causal=True, sliding_window=5,
                                               q_positions=qp, kv_positions=kp), tail, atol=1e-6)
 
 
@@ -202,7 +203,7 @@ def test_sinks_formula_in_numpy():
     # One query, three keys, no mask: softmax with exp(sink) added to the denominator.
     q, k, v = rand_qkv(1, 1, 3, 1, 1, 4, seed=8)
     sink = 0.7
-    s = np.asarray(jnp.einsum("bqhd,bkhd->k", q, k), np.float64) / 2.0  # 1/sqrt(4)
+    s = np.einsum("bqhd,bkhd->k", np.asarray(q, np.float64), np.asarray(k, np.float64)) / 2.0  # 1/sqrt(4)
     p = np.exp(s) / (np.exp(s).sum() + np.exp(sink))
     want = p @ np.asarray(v[0, :, 0], np.float64)
     o = mha_reference(q, k, v, sinks=jnp.array([sink]))
@@ -213,7 +214,7 @@ def test_sinks_formula_in_numpy():
 def test_softcap_formula():
     q, k, v = rand_qkv(1, 1, 4, 1, 1, 2, seed=9, q_scale=10.0)
     cap = 1.5
-    s = np.asarray(jnp.einsum("bqhd,bkhd->k", q, k), np.float64)  # sm_scale = 1
+    s = np.einsum("bqhd,bkhd->k", np.asarray(q, np.float64), np.asarray(k, np.float64))  # sm_scale = 1
     s = cap * np.tanh(s / cap)
     p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
     o = mha_reference(q, k, v, logit_soft_cap=cap, sm_scale=1.0)
@@ -243,9 +244,8 @@ def test_bf16_inputs_softmax_in_f32():
     q, k, v = rand_qkv(1, 8, 8, 2, 1, 16, seed=11, dtype=jnp.bfloat16)
     o = mha_reference(q, k, v, causal=True, logit_soft_cap=10.0)
     assert o.dtype == jnp.bfloat16
-    want, _, _ = brute_force(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                             causal=True, cap=10.0)
-    chex.assert_trees_all_close(np.asarray(o.astype(jnp.float32)), want, atol=3e-2, rtol=3e-2)
+    want, _, _ = brute_force(q, k, v, causal=True, cap=10.0)  # float64 of the bf16 values
+    chex.assert_trees_all_close(np.asarray(o, np.float32), want, atol=3e-2, rtol=3e-2)
 
 
 def test_reference_gradients():

@@ -188,16 +188,17 @@ def test_reference_gradients_are_right():
                 heads=2, kv_heads=1, d_qk=4, d_v=4, batch=1)
     qkv, _, kw = _inputs(case)
     kw["segment_ids"] = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2]])
-    check_grads(lambda *a: reference.mha_reference(*a, **kw), qkv, order=1, modes=["rev"],
-                atol=1e-2, rtol=1e-2)
+    attention = jax.jit(lambda *a: reference.mha_reference(*a, **kw))
+    check_grads(attention, qkv, order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("causal,window,segments,positions", [
     (True, None, False, False), (False, 5, False, False), (True, 7, True, False),
     (True, None, False, True), (False, None, True, True)])
-def test_block_skipping_never_drops_a_kept_pair(causal, window, segments, positions):
-    """A tile `block_is_live` calls dead holds no pair the reference mask keeps;
-    with default causal positions exactly the tiles above the diagonal are dead."""
+def test_tile_skipping_never_drops_a_kept_pair(causal, window, segments, positions):
+    """Tiles called dead hold no pair the reference mask keeps; with default causal
+    positions exactly the tiles above the diagonal are dead; the in-kernel test agrees
+    with the XLA one; every live tile lies in its row's clamp range."""
     b, tq, tk, bq, bkv = 2, 48, 64, 8, 16
     key = jax.random.key(3)
     q_pos, kv_pos = reference.default_positions(b, tq, tk)
@@ -211,21 +212,27 @@ def test_block_skipping_never_drops_a_kept_pair(causal, window, segments, positi
     spec = tpu_mask.MaskSpec(causal=causal, sliding_window=window, has_segments=segments,
                              has_positions=positions, q_offset=tk - tq, kv_len=tk,
                              kv_padded_len=tk)
-    q_bounds = tpu_mask.block_bounds(q_pos, q_seg, bq)
-    kv_bounds = tpu_mask.block_bounds(kv_pos, kv_seg, bkv)
+    q_bounds = tpu_mask.block_bounds(q_pos, q_seg, bq)  # [B, nq, 4]
+    kv_bounds = tpu_mask.block_bounds(kv_pos, kv_seg, bkv)  # [B, nk, 4]
+    live = np.asarray(tpu_mask.tile_liveness(spec, q_bounds, kv_bounds))  # [B, nq, nk]
+
     mask = reference.attention_mask(b, tq, tk, causal=causal, sliding_window=window,
                                     q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                                     q_positions=q_pos, kv_positions=kv_pos)[:, 0]
-    tiles = mask.reshape(b, tq // bq, bq, tk // bkv, bkv).any(axis=(2, 4))  # [B, nq, nk]
-    live = np.zeros(tiles.shape, bool)
-    for bi, i, j in itertools.product(*map(range, tiles.shape)):
-        live[bi, i, j] = tpu_mask.block_is_live(
-            spec, q_bounds, kv_bounds, batch=bi, q_block=i, kv_block=j,
-            num_q_blocks=tq // bq, num_kv_blocks=tk // bkv)
-    assert not np.any(np.asarray(tiles) & ~live), "a tile with kept pairs was skipped"
+    tiles = np.asarray(mask.reshape(b, tq // bq, bq, tk // bkv, bkv).any(axis=(2, 4)))
+    assert not np.any(tiles & ~live), "a tile with kept pairs was skipped"
     assert np.any(~live), "nothing skipped"
     if causal and window is None and not segments and not positions:
-        np.testing.assert_array_equal(live, np.asarray(tiles))
+        np.testing.assert_array_equal(live, tiles)
+
+    for bi, i, j in itertools.product(*map(range, live.shape)):  # the kernel's scalar path
+        assert live[bi, i, j] == tpu_mask.block_is_live(
+            spec, q_bounds.reshape(-1), kv_bounds.reshape(-1), batch=bi, q_block=i,
+            kv_block=j, num_q_blocks=tq // bq, num_kv_blocks=tk // bkv)
+    ranges = np.asarray(tpu_mask.live_range(live))  # [B, nq, 2]
+    index = np.arange(live.shape[2])
+    inside = (index >= ranges[..., :1]) & (index <= ranges[..., 1:])
+    assert not np.any(live & ~inside)
 
 
 def test_bad_input_raises_value_error():
@@ -252,16 +259,15 @@ def test_bad_input_raises_value_error():
         tpu.flash_attention_tpu(q, k, v, block_sizes=tpu.BlockSizes(16, 16), interpret=False)
 
 
+_MASKS = [  # (causal, window, soft_cap, segments)
+    (False, None, None, None), (True, None, None, None), (True, 6, None, "shared"),
+    (False, 11, 5.0, None), (True, None, 1.0, "shared")]
 SLOW_CASES = [
-    Case(causal=causal, window=window, soft_cap=cap, heads=heads, kv_heads=1, dtype=dtype,
-         q_len=q_len, kv_len=40, segments=seg, block_q=8, block_kv=16)
-    for causal, window, cap, seg in [(False, None, None, None), (True, None, None, None),
-                                     (True, 6, None, "shared"), (False, 11, 5.0, None),
-                                     (True, None, 1.0, "shared")]
-    for heads in (1, 4, 8)
-    for dtype in ("float32", "bfloat16")
-    for q_len in (40, 17)
-    if seg is None or q_len == 40
+    # Every mask with GQA ratios 1, 4, 8; dtypes and q_len alternate along the list.
+    Case(causal=causal, window=window, soft_cap=cap, segments=seg, heads=heads, kv_heads=1,
+         dtype=("float32", "bfloat16")[i % 2], q_len=40 if seg or (i // 2) % 2 else 17,
+         kv_len=40, block_q=8, block_kv=16)
+    for i, ((causal, window, cap, seg), heads) in enumerate(itertools.product(_MASKS, (1, 4, 8)))
 ] + [
     Case(d_qk=192, d_v=128, causal=True, q_len=136, kv_len=136, heads=2, kv_heads=1,
          block_q=128, block_kv=128),

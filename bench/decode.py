@@ -1,0 +1,162 @@
+"""Decode benchmark, kernel part: paged attention throughput against its peers.
+
+Decode attention reads every cached key and value once per generated token, so its
+figure of merit is bandwidth: bytes of K/V read per second, and that as a fraction of
+what a plain device copy achieves on the same machine. The kernel
+(pallas_kernels/paged_attention, split-K over pages) is timed in one run against the
+strongest peers available: jax's bundled Pallas paged-attention op for the platform
+and the XLA reference (gather pages, then softmax).
+
+    python bench/decode.py                           # CPU smoke test: tiny, interpret mode
+    python bench/decode.py --device                  # accelerator: batch 8, 8k context,
+                                                     # 32 q / 8 kv heads, D 128, page 16, bf16
+    python bench/decode.py --device --sweep          # also sweep the GPU kernel's BlockSizes
+    python bench/decode.py --device --out=bench/results/paged_attention.md
+
+Each timing is the median of `--iters` back-to-back calls (dispatched asynchronously,
+so launch overhead overlaps), after a warm-up call that compiles.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Run as `python bench/decode.py` from a checkout without `pip install -e .`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pallas_kernels.paged_attention import gpu as paged_gpu  # noqa: E402
+from pallas_kernels.paged_attention import paged_attention  # noqa: E402
+
+
+def make_inputs(*, batch, heads, kv_heads, head_dim, context, page_size, dtype, seed=0):
+    """Full-length sequences whose pages are scattered at random over the pool."""
+    max_pages = context // page_size
+    num_pages = batch * max_pages
+    key = jax.random.key(seed)
+    kq, kk, kv, kp = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (batch, heads, head_dim), dtype)
+    k_pages = jax.random.normal(kk, (kv_heads, num_pages, page_size, head_dim), dtype)
+    v_pages = jax.random.normal(kv, (kv_heads, num_pages, page_size, head_dim), dtype)
+    table = jax.random.permutation(kp, num_pages).reshape(batch, max_pages).astype(jnp.int32)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    return q, k_pages, v_pages, lengths, table
+
+
+def time_fn(fn, *args, iters: int) -> float:
+    """Median seconds per call over `iters` calls, each batch of 5 calls timed together."""
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    samples = []
+    for _ in range(max(1, iters // 5)):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / 5)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(num_bytes: int, iters: int) -> float:
+    """Bytes/s of an elementwise device copy (read + write) of `num_bytes`."""
+    x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda x: x + 1)
+    return 2 * num_bytes / time_fn(f, x, iters=iters)
+
+
+def peers(platform: str, interpret: bool):
+    """name -> fn(q, k_pages, v_pages, lengths, table) for this platform."""
+    impl = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "pallas_gpu")
+    out = {f"ours ({impl})": jax.jit(functools.partial(paged_attention, impl=impl)),
+           "reference (XLA gather)": jax.jit(functools.partial(paged_attention, impl="reference"))}
+    if platform == "gpu":
+        from jax.experimental.pallas.ops.gpu import paged_attention as jax_gpu
+
+        out["jax.experimental paged_attention (gpu)"] = jax.jit(
+            lambda q, k, v, lens, table: jax_gpu.paged_attention(q, k, v, table, lens))
+    elif platform == "tpu":
+        from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as jax_tpu
+
+        out["jax.experimental paged_attention (tpu)"] = jax.jit(
+            lambda q, k, v, lens, table: jax_tpu(q, k, v, lens, table,
+                                                 pages_per_compute_block=8))
+    del interpret
+    return out
+
+
+def sweep_configs():
+    for ppb in (2, 4, 8):
+        for splits in (None, 4, 8, 16):
+            for warps, stages in ((4, 2), (4, 3), (8, 2)):
+                yield paged_gpu.BlockSizes(pages_per_block=ppb, num_splits=splits,
+                                           num_warps=warps, num_stages=stages)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", action="store_true", help="full-size shapes on the accelerator")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--context", type=int, default=None)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv_heads", type=int, default=8)
+    p.add_argument("--head_dim", type=int, default=128)
+    p.add_argument("--page_size", type=int, default=16)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--sweep", action="store_true", help="also sweep the GPU BlockSizes")
+    p.add_argument("--out", default=None, help="append a markdown table to this file")
+    args = p.parse_args(argv)
+
+    platform = jax.default_backend()
+    if args.device and platform == "cpu":
+        raise SystemExit("--device needs a GPU or TPU backend; run without it for the CPU smoke test")
+    batch = args.batch or (8 if args.device else 2)
+    context = args.context or (8192 if args.device else 64)
+    shape = dict(batch=batch, heads=args.heads if args.device else 8, kv_heads=args.kv_heads if args.device else 2,
+                 head_dim=args.head_dim if args.device else 16, context=context,
+                 page_size=args.page_size if args.device else 8)
+    dtype = jnp.bfloat16 if args.device else jnp.float32
+    iters = args.iters if args.device else 5
+    q, k_pages, v_pages, lengths, table = make_inputs(dtype=dtype, **shape)
+    kv_bytes = 2 * shape["batch"] * shape["kv_heads"] * context * shape["head_dim"] * jnp.dtype(dtype).itemsize
+
+    ref = paged_attention(q, k_pages, v_pages, lengths, table, impl="reference").astype(jnp.float32)
+    copy_bw = copy_bandwidth(kv_bytes, iters)
+    rows = []
+    for name, fn in peers(platform, interpret=not args.device).items():
+        err = float(jnp.abs(fn(q, k_pages, v_pages, lengths, table).astype(jnp.float32) - ref).max())
+        t = time_fn(fn, q, k_pages, v_pages, lengths, table, iters=iters)
+        rows.append((name, t, kv_bytes / t, err))
+    if args.sweep and platform == "gpu":
+        for bs in sweep_configs():
+            fn = jax.jit(functools.partial(paged_attention, impl="pallas_gpu", block_sizes=bs))
+            try:
+                t = time_fn(fn, q, k_pages, v_pages, lengths, table, iters=iters)
+            except Exception as e:  # a config the compiler rejects: report, keep going
+                print(f"{bs}: failed: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            rows.append((f"ours {bs}", t, kv_bytes / t, float("nan")))
+
+    device = jax.devices()[0].device_kind
+    lines = [f"### paged decode attention on {device} ({platform})", "",
+             f"shape: {shape}, dtype {jnp.dtype(dtype).name}; K+V read per call: "
+             f"{kv_bytes / 1e6:.1f} MB; device copy bandwidth: {copy_bw / 1e9:.0f} GB/s", "",
+             "| implementation | time (us) | GB/s | % of copy bandwidth | max abs err vs reference |",
+             "|---|---|---|---|---|"]
+    for name, t, bw, err in rows:
+        lines.append(f"| {name} | {t * 1e6:.1f} | {bw / 1e9:.0f} | {100 * bw / copy_bw:.0f}% | {err:.2e} |")
+    report = "\n".join(lines)
+    print(report)
+    if not args.device:
+        print("\n(CPU smoke test: interpret mode, timings mean nothing; use --device on GPU/TPU)")
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(report + "\n\n")
+
+
+if __name__ == "__main__":
+    main()

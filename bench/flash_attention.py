@@ -1,0 +1,234 @@
+"""Benchmark: our Pallas GPU flash attention vs cuDNN, jax's bundled Pallas kernel and XLA.
+
+    PYTHONPATH=. python bench/flash_attention.py              # full table (H100: ~3 min)
+    PYTHONPATH=. python bench/flash_attention.py --quick      # S=8192 causal only
+    PYTHONPATH=. python bench/flash_attention.py --sweep      # block-size sweep, S=8192 causal
+
+Reports TFLOP/s of the forward and of forward+backward (bf16, BTHD), and the ratios of
+ours to each peer. FLOPs: 4·B·H·S²·D for the forward (two matmuls), half of it when
+causal (a sliding window W counts the kept pairs, about S·W), and 3.5× the forward for
+forward+backward (the backward's five matmuls), as FlashAttention-2 counts them.
+Each time is the median of several repetitions of back-to-back calls after warm-up,
+ended by `block_until_ready`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import gpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    seq: int
+    causal: bool
+    batch: int = 4
+    heads: int = 16
+    kv_heads: int = 16
+    head_dim: int = 128
+    window: int | None = None
+
+    @property
+    def name(self):
+        s = f"S={self.seq // 1024}k {'causal' if self.causal else 'full'} D={self.head_dim}"
+        if self.kv_heads != self.heads:
+            s += f" GQA {self.heads // self.kv_heads}:1"
+        if self.window:
+            s += f" window={self.window // 1024}k"
+        return s
+
+    def flops_fwd(self):
+        if self.window is not None:  # kept pairs of a causal window: about S*W - W^2/2
+            pairs = self.seq * self.window - self.window**2 / 2
+        else:
+            pairs = self.seq**2 / (2 if self.causal else 1)
+        return 4 * self.batch * self.heads * pairs * self.head_dim
+
+
+def _inputs(case: Case):
+    ks = jax.random.split(jax.random.key(0), 4)
+    shape_q = (case.batch, case.seq, case.heads, case.head_dim)
+    shape_kv = (case.batch, case.seq, case.kv_heads, case.head_dim)
+    q = jax.random.normal(ks[0], shape_q, jnp.bfloat16)
+    k = jax.random.normal(ks[1], shape_kv, jnp.bfloat16)
+    v = jax.random.normal(ks[2], shape_kv, jnp.bfloat16)
+    do = jax.random.normal(ks[3], shape_q, jnp.bfloat16)
+    return q, k, v, do
+
+
+def _ours(case: Case, block_sizes=None):
+    return functools.partial(gpu.flash_attention, causal=case.causal,
+                             sliding_window=case.window, block_sizes=block_sizes)
+
+
+def _dpa(case: Case, implementation: str):
+    window = None if case.window is None else (case.window - 1, 0)
+    return functools.partial(jax.nn.dot_product_attention, is_causal=case.causal,
+                             local_window_size=window, implementation=implementation)
+
+
+def _jax_pallas(case: Case):
+    if case.window is not None:
+        return None  # no sliding window in jax's bundled kernel
+    from jax.experimental.pallas.ops.gpu import attention as jax_attention
+
+    group = case.heads // case.kv_heads
+
+    def fn(q, k, v):
+        if group > 1:  # no GQA there: K/V repeated in memory
+            k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        return jax_attention.mha(q, k, v, None, sm_scale=case.head_dim**-0.5,
+                                 causal=case.causal)
+    return fn
+
+
+def _median_time(fn, *args, reps=5, budget_s=0.25):
+    jax.block_until_ready(fn(*args))  # compile
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    iters = max(1, min(50, int(budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def measure(case: Case, attn, q, k, v, do):
+    """(fwd seconds, fwd+bwd seconds) or an error string for each."""
+    fwd = jax.jit(attn)
+
+    @jax.jit
+    def fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(attn, q, k, v)
+        return o, vjp(do)
+
+    out = []
+    for fn, args in ((fwd, (q, k, v)), (fwd_bwd, (q, k, v, do))):
+        try:
+            out.append(_median_time(fn, *args))
+        except Exception as e:  # noqa: BLE001 - report OOM / unsupported and go on
+            out.append(f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+    return out
+
+
+def _tflops(case, secs, mult=1.0):
+    return case.flops_fwd() * mult / secs / 1e12 if isinstance(secs, float) else None
+
+
+def run_cases(cases, peers=("cudnn", "jax_pallas", "xla"), block_sizes=None):
+    rows = []
+    for case in cases:
+        q, k, v, do = _inputs(case)
+        impls = {"ours": _ours(case, block_sizes)}
+        if "cudnn" in peers:
+            impls["cudnn"] = _dpa(case, "cudnn")
+        if "jax_pallas" in peers:
+            impls["jax_pallas"] = _jax_pallas(case)
+        if "xla" in peers and case.seq <= 4096:  # XLA materialises [B,H,S,S] logits
+            impls["xla"] = _dpa(case, "xla")
+        row = {"case": case.name}
+        for name, attn in impls.items():
+            if attn is None:
+                continue
+            t_f, t_fb = measure(case, attn, q, k, v, do)
+            row[name] = {"fwd_s": t_f, "fwd_bwd_s": t_fb,
+                         "fwd_tflops": _tflops(case, t_f), "fwd_bwd_tflops": _tflops(case, t_fb, 3.5)}
+        if "cudnn" in impls:  # sanity: same outputs as cuDNN
+            try:
+                diff = jnp.max(jnp.abs(jax.jit(impls["ours"])(q, k, v).astype(jnp.float32)
+                                       - jax.jit(impls["cudnn"])(q, k, v).astype(jnp.float32)))
+                row["max_abs_diff_vs_cudnn"] = float(diff)
+            except Exception as e:  # noqa: BLE001
+                row["max_abs_diff_vs_cudnn"] = f"{type(e).__name__}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _fmt(x):
+    return f"{x:.0f}" if isinstance(x, float) else "—"
+
+
+def _ratio(row, a, b, key):
+    x, y = row.get(a, {}).get(key), row.get(b, {}).get(key)
+    return f"{x / y:.2f}×" if x and y else "—"
+
+
+def table(rows):
+    lines = ["| case | ours fwd | cuDNN fwd | jax Pallas fwd | XLA fwd | ours fwd+bwd | cuDNN fwd+bwd "
+             "| jax Pallas fwd+bwd | XLA fwd+bwd | ours/cuDNN fwd | ours/cuDNN f+b | ours/jax-Pallas f+b |",
+             "|" + "---|" * 13]
+    for r in rows:
+        cells = [r["case"]]
+        for key in ("fwd_tflops", "fwd_bwd_tflops"):
+            cells += [_fmt(r.get(n, {}).get(key)) for n in ("ours", "cudnn", "jax_pallas", "xla")]
+        cells += [_ratio(r, "ours", "cudnn", "fwd_tflops"), _ratio(r, "ours", "cudnn", "fwd_bwd_tflops"),
+                  _ratio(r, "ours", "jax_pallas", "fwd_bwd_tflops")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep():
+    """Block sizes / warps / stages for S=8192 causal D=128, forward and forward+backward."""
+    case = Case(8192, True)
+    q, k, v, do = _inputs(case)
+    base = gpu.BlockSizes.get_default(case.head_dim)
+    variants = {
+        "default": base,
+        "fwd 128x128 w8 s2": dataclasses.replace(base, block_k=128, num_stages=2),
+        "fwd 128x64 w4 s3": dataclasses.replace(base, num_warps=4),
+        "fwd 64x64 w4 s3": dataclasses.replace(base, block_q=64, num_warps=4),
+        "fwd 128x128 w8 s3": dataclasses.replace(base, block_k=128),
+        "bwd dkv 128x64 dq 64x128": dataclasses.replace(base, block_q_dkv=64, block_kv_dkv=64,
+                                                        block_q_dq=64, block_kv_dq=64),
+        "bwd w4 s2": dataclasses.replace(base, num_warps_bwd=4),
+        "bwd s3": dataclasses.replace(base, num_stages_bwd=3),
+        "bwd dkv 32x128 dq 128x32": dataclasses.replace(base, block_q_dkv=32, block_kv_dq=32),
+        "bwd dkv 128x128 dq 128x128": dataclasses.replace(base, block_q_dkv=128, block_kv_dq=128),
+    }
+    for name, bs in variants.items():
+        t_f, t_fb = measure(case, _ours(case, bs), q, k, v, do)
+        print(f"{name:32s} fwd {_fmt(_tflops(case, t_f))} TF/s  fwd+bwd "
+              f"{_fmt(_tflops(case, t_fb, 3.5))} TF/s  {bs}", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    args = parser.parse_args(argv)
+    print(f"jax {jax.__version__}, device: {jax.devices()[0].device_kind}", flush=True)
+    if args.sweep:
+        sweep()
+        return
+    if args.quick:
+        cases = [Case(8192, True)]
+    else:
+        cases = [Case(s, c) for s in (2048, 4096, 8192, 16384) for c in (False, True)]
+        cases += [Case(8192, True, kv_heads=2), Case(8192, True, head_dim=64),
+                  Case(8192, True, head_dim=256), Case(16384, True, window=4096)]
+    rows = run_cases(cases)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                       "rows": rows}, f, indent=1)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

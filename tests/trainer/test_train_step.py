@@ -1,0 +1,174 @@
+"""The loss and the train step against plain formulas: z-loss, accumulation, MoE, QK-Clip."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import arch
+from configs.base import moe_defaults
+from configs.llama3 import get_config
+from trainer.step import StepOptions, split_microbatches, token_loss_sums, train_step
+
+Z = 1e-2
+
+
+def np_loss(logits, targets, mask, z):
+    """Masked mean cross-entropy + z * mean logsumexp^2, from the definitions (float64)."""
+    x = np.asarray(logits, np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = np.log(np.exp(x - m).sum(-1)) + m[..., 0]                 # [B, T]
+    logp = x - lse[..., None]
+    nll = -np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
+    w = np.asarray(mask, np.float64)
+    return (w * nll).sum() / w.sum() + z * (w * lse ** 2).sum() / w.sum()
+
+
+def small_model_config(**model):
+    cfg = get_config("tiny")
+    cfg.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                     mlp_dim=64, max_seq_len=32, vocab_size=64)
+    cfg.model.update(model)
+    return cfg
+
+
+def random_batch(seed, b=8, t=16, vocab=64, ragged_mask=True):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (b, t)).astype(np.int32)
+    mask = np.ones((b, t), np.float32)
+    if ragged_mask:  # rows with different counted tokens: microbatches weigh differently
+        for i in range(b):
+            mask[i, t - 2 * i:] = 0.0
+    return {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+            "segment_ids": np.ones((b, t), np.int32), "loss_mask": mask}
+
+
+def test_token_loss_sums_match_the_formula():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, (2, 5))
+    mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
+    s = token_loss_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    want = np_loss(logits, targets, mask, Z)
+    got = (s["ce_sum"] + Z * s["z_sum"]) / s["tokens"]
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    np.testing.assert_allclose(float(s["tokens"]), mask.sum())
+
+
+def test_z_loss_gradient_pulls_the_normaliser_to_zero():
+    # d/dx z*lse^2 = 2 z lse softmax(x): check the formula's gradient numerically.
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 3, 7)), jnp.float32)
+
+    def zterm(x):
+        return token_loss_sums(x, jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3)))["z_sum"]
+    jax.test_util.check_grads(zterm, (x,), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+    g = jax.grad(zterm)(x)
+    lse = jax.nn.logsumexp(x, -1, keepdims=True)
+    chex.assert_trees_all_close(g, 2 * lse * jax.nn.softmax(x, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_microbatches_are_strided_rows():
+    b = {"x": np.arange(8)[:, None] * np.ones((1, 3))}
+    mb = split_microbatches(b, 4)["x"]
+    assert mb.shape == (4, 2, 3)
+    np.testing.assert_array_equal(mb[1, :, 0], [1, 5])
+
+
+def _sgd_step(cfg, batch, accum):
+    """Params after one SGD(lr=1) step, i.e. params - grad, and the step's metrics."""
+    model = arch.build_model(cfg.model, nnx.Rngs(params=0))
+    opt = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    opts = StepOptions(z_loss=Z, grad_accum=accum)
+    metrics = train_step(model, opt, jax.tree.map(jnp.asarray, batch), opts=opts)
+    after = nnx.state(model, nnx.Param).to_pure_dict()
+    return jax.tree.map(lambda a, b: a - np.asarray(b), before, after), metrics
+
+
+def test_grad_accumulation_equals_the_big_batch_gradient():
+    cfg = small_model_config()
+    batch = random_batch(0)
+    model = arch.build_model(cfg.model, nnx.Rngs(params=0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def ref_loss(p):  # plain loss of the whole batch, written from the definitions
+        logits, _ = nnx.merge(graphdef, p)(batch["tokens"], positions=batch["positions"],
+                                           segment_ids=batch["segment_ids"])
+        lse = jnp.log(jnp.sum(jnp.exp(logits), -1))
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
+        w = batch["loss_mask"]
+        return (jnp.sum(w * nll) + Z * jnp.sum(w * lse ** 2)) / jnp.sum(w)
+
+    ref_grad = jax.grad(ref_loss)(params).to_pure_dict()
+    for accum in (1, 4):
+        grad, metrics = _sgd_step(cfg, batch, accum)
+        chex.assert_trees_all_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(float(metrics["loss"]), float(ref_loss(params)), rtol=1e-5)
+
+
+def test_train_step_loss_is_ce_plus_z_loss_of_the_model_logits():
+    cfg = small_model_config()
+    batch = random_batch(2)
+    model = arch.build_model(cfg.model, nnx.Rngs(params=0))
+    logits, _ = model(jnp.asarray(batch["tokens"]), positions=jnp.asarray(batch["positions"]),
+                      segment_ids=jnp.asarray(batch["segment_ids"]))
+    want = np_loss(logits, batch["targets"], batch["loss_mask"], Z)
+    opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+    m = train_step(model, opt, jax.tree.map(jnp.asarray, batch), opts=StepOptions(z_loss=Z))
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(m["ce"]) + float(m["z_loss"]), want, rtol=1e-5)
+    assert int(opt.step[...]) == 1
+
+
+def test_moe_aux_losses_enter_the_loss_and_bias_update_runs():
+    moe = moe_defaults()
+    moe.update(num_experts=4, top_k=2, expert_mlp_dim=16, aux_loss_coef=0.01, z_loss_coef=0.001,
+               bias_update_rate=0.05, dispatch="dense")
+    cfg = small_model_config(moe=moe)
+    batch = jax.tree.map(jnp.asarray, random_batch(3))
+    model = arch.build_model(cfg.model, nnx.Rngs(params=0))
+    logits, aux = model(batch["tokens"], positions=batch["positions"],
+                        segment_ids=batch["segment_ids"])
+    want = np_loss(logits, batch["targets"], batch["loss_mask"], Z)
+    want += float(aux["moe_aux_loss"]) + float(aux["moe_z_loss"])
+    loads = np.stack([np.asarray(a["expert_load"]) for a in aux["layers"]])      # [L, E]
+    rate = moe.bias_update_rate
+    want_bias = rate * np.sign(loads.mean(-1, keepdims=True) - loads)             # DeepSeek-V3
+
+    opt = nnx.Optimizer(model, optax.sgd(0.0), wrt=nnx.Param)
+    m = train_step(model, opt, batch, opts=StepOptions.from_config(cfg))
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+    assert float(m["moe_aux_loss"]) > 0
+    bias = np.stack([np.asarray(layer.mlp.router_bias[...]) for layer in model.stack.layers])
+    np.testing.assert_allclose(bias, want_bias, atol=1e-7)
+
+
+def test_qk_clip_caps_each_heads_max_logit_at_tau():
+    cfg = small_model_config(track_max_logits=True)
+    cfg.optim.qk_clip_tau = 0.05
+    batch = jax.tree.map(jnp.asarray, random_batch(4, ragged_mask=False))
+    model = arch.build_model(cfg.model, nnx.Rngs(params=0))
+
+    def max_logits():
+        return np.asarray(model(batch["tokens"], positions=batch["positions"],
+                                segment_ids=batch["segment_ids"])[1]["max_logits"])   # [L, H]
+    before = max_logits()
+    assert (before > 0.05).any()
+    opt = nnx.Optimizer(model, optax.sgd(0.0), wrt=nnx.Param)   # no update: clipping only
+    train_step(model, opt, batch, opts=StepOptions.from_config(cfg))
+    np.testing.assert_allclose(max_logits(), np.minimum(before, 0.05), rtol=1e-4)
+
+
+@pytest.mark.parametrize("accum", [2])
+def test_accumulated_max_logits_are_the_batch_max(accum):
+    cfg = small_model_config(track_max_logits=True)
+    batch = jax.tree.map(jnp.asarray, random_batch(5, ragged_mask=False))
+    model = arch.build_model(cfg.model, nnx.Rngs(params=0))
+    want = float(jnp.max(model(batch["tokens"], positions=batch["positions"],
+                               segment_ids=batch["segment_ids"])[1]["max_logits"]))
+    opt = nnx.Optimizer(model, optax.sgd(0.0), wrt=nnx.Param)
+    m = train_step(model, opt, batch, opts=StepOptions(grad_accum=accum))
+    np.testing.assert_allclose(float(m["max_logit"]), want, rtol=1e-5)

@@ -1,0 +1,33 @@
+"""Helpers of the trainer tests: a small text corpus and a tiny config over it."""
+import os
+
+from configs.llama3 import get_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_corpus(root) -> tuple[str, str]:
+    """(train dir, validation file) of varied Python-like text, a few KB."""
+    root.mkdir(parents=True, exist_ok=True)
+    train = root / "train"
+    train.mkdir(exist_ok=True)
+    for i in range(6):
+        lines = [f"def f{i}_{j}(x, y={j}):\n    return x * {i} + y - {j * j}\n" for j in range(25)]
+        (train / f"m{i}.py").write_text("".join(lines))
+    val = root / "val.py"
+    val.write_text("".join(f"def g{j}(a):\n    return a + {j}\n" for j in range(40)))
+    return str(train), str(val)
+
+
+def tiny_config(corpus: tuple[str, str], **train):
+    """d_model 32, 2 layers, seq 32, batch 4, constant lr, no sample: seconds per run."""
+    cfg = get_config("tiny")
+    cfg.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                     mlp_dim=64, max_seq_len=64)
+    cfg.data.update(source=corpus[0], val_source=corpus[1], seq_len=32, batch_size=4)
+    cfg.optim.update(schedule="constant", warmup_steps=1, lr=1e-2)
+    cfg.train.update(steps=6, eval_every=0, eval_batches=1, log_every=1, checkpoint_every=2,
+                     keep_checkpoints=3, sample_tokens=0)
+    cfg.train.update(train)
+    cfg.mesh.data = 1
+    return cfg

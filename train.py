@@ -1,0 +1,240 @@
+"""Train a language model from a config file.
+
+    python train.py --config=configs/llama3.py:tiny --workdir=runs/tiny
+    python train.py --config=configs/llama3.py:tiny --workdir=runs/lr1e-3 --config.optim.lr=1e-3
+
+The loop is flat, in the order nanoGPT's reads: check the config, load the data,
+build model and optimizer, resume from the newest good checkpoint, then per step:
+batch -> train_step -> log -> eval -> checkpoint. At the end: a last evaluation
+(validation loss, perplexity, bits per byte), a loss plot and a sample of text.
+
+What lands in the workdir:
+    checkpoints/<step>/   orbax checkpoints (keep train.keep_checkpoints; see trainer/checkpoint.py)
+    metrics.jsonl         one JSON record per log / eval (trainer/metrics.py)
+    loss.png              train and validation loss (if matplotlib is installed)
+    config.json           the config of the latest run
+    tensorboard/          event files (if tensorboardX is installed)
+
+Everything is checked before anything is computed or written: a bad config raises
+ValueError naming the field, and the workdir is left as it was. Running again with
+the same workdir resumes. SIGTERM or Ctrl-C stops at the next step boundary with a
+checkpoint. From Python (a notebook):
+
+    from configs.llama3 import get_config
+    from train import train_and_evaluate
+    result = train_and_evaluate(get_config("tiny"), "runs/tiny")
+    result["val_bits_per_byte"], result["sample"]
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+import arch
+import data
+import optim
+from trainer.checkpoint import Checkpointer, abstract_like
+from trainer.config import ConfigError, check_config
+from trainer.metrics import MetricsWriter, plot_losses, read_metrics
+from trainer.mesh import make_mesh_from_config, shard_batch, shard_state, state_shardings
+from trainer.mfu import flops_per_token, format_mfu, mfu
+from trainer.sample import generate
+from trainer.signals import StopOnSignal
+from trainer.step import StepOptions, eval_step, train_step
+
+
+def evaluate(model, ds, mesh, num_batches: int) -> dict:
+    """Validation loss (nats/token), perplexity and bits per byte over `num_batches`."""
+    ce_sum = tokens = 0.0
+    for batch in ds.eval_batches(num_batches, process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+        out = jax.device_get(eval_step(model, shard_batch(batch, mesh)))
+        ce_sum += float(out["ce_sum"])
+        tokens += float(out["tokens"])
+    loss = ce_sum / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": ds.bits_per_byte(loss), "tokens": tokens}
+
+
+def load_and_check(config):
+    """Every check, then the data; ConfigError (a ValueError) before anything is computed."""
+    try:
+        check_config(config)
+        return data.build_dataset(config.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
+                       progress: bool = True) -> dict:
+    """Train `config` in `workdir` (resuming if it holds checkpoints), evaluate, sample.
+
+    Args:
+      config: a full config (configs/<family>.py `get_config(...)`).
+      workdir: where checkpoints, metrics and plots go.
+      stop_after: stop after this many steps *of this call*, with a checkpoint, as a
+        SIGTERM would (train in slices, e.g. in a notebook); None: run to train.steps.
+      progress: show a progress bar.
+
+    Returns:
+      dict: step, stopped (True if stopped early), train_loss (mean of the last log
+      interval), val_loss, val_perplexity, val_bits_per_byte, sample (text or None),
+      tokens_per_s, mfu (None where the device peak is unknown).
+    """
+    cfg, t = config, config.train
+    ds = load_and_check(cfg)                     # nothing computed or written before this
+    mesh = make_mesh_from_config(cfg.mesh)
+    model = arch.build_model(cfg.model, nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
+    tx = optim.build_optimizer(cfg.optim, nnx.state(model, nnx.Param), total_steps=t.steps)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    shard_state(model, optimizer, mesh=mesh)     # sharding.shard_state slots in here
+    opts = StepOptions.from_config(cfg)
+    loader = ds.train_loader(seed=cfg.seed, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    rng = jax.random.key(cfg.seed)
+
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+
+    def train_state():
+        return {"model": nnx.state(model), "optimizer": nnx.state(optimizer),
+                "rng": jax.random.key_data(rng)}
+
+    start = 0
+    state = train_state()
+    found = ckpt.restore_latest(abstract_like(state, state_shardings(state, mesh)))
+    if found is not None:
+        start, restored, loader_state = found
+        nnx.update(model, restored["model"])
+        nnx.update(optimizer, restored["optimizer"])
+        rng = jax.random.wrap_key_data(restored["rng"])
+        loader.set_state(loader_state)
+    del state
+
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
+    device_kind = mesh.devices.flat[0].device_kind
+    writer = MetricsWriter(workdir) if jax.process_index() == 0 else None
+    total, active = arch.count_params(cfg.model)
+    print(f"model: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active), "
+          f"{flops_tok / 1e6:.1f} MFLOPs/token; {mesh.size} x {device_kind}; "
+          + (f"resuming at step {start}" if start else "starting at step 0"))
+
+    def log(step, split, metrics):
+        if writer is not None:
+            writer.write(step, split, metrics)
+
+    def plot():
+        if writer is not None:
+            plot_losses(read_metrics(writer.path), os.path.join(workdir, "loss.png"),
+                        title=f"{cfg.model.family} {total / 1e6:.1f}M")
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True)
+    pending, last = [], {}
+    speed = {"tokens_per_s": None, "mfu": None}
+    timer_steps, timer = 0, None
+    step, stopped = start, False
+    with StopOnSignal() as stop:
+        for step in range(start + 1, t.steps + 1):
+            batch = shard_batch(next(loader), mesh)
+            pending.append(train_step(model, optimizer, batch, opts=opts))
+            if timer is None:  # the first step compiles: time from its end
+                jax.block_until_ready(pending[-1])
+                timer, timer_steps = time.perf_counter(), 0
+            else:
+                timer_steps += 1
+            if stop_after is not None and step - start >= stop_after:
+                stop.request()
+            done = step == t.steps or stop.requested
+            if step % t.log_every == 0 or done:
+                fetched = jax.device_get(pending)
+                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                pending = []
+                if timer_steps:
+                    tps = timer_steps * tokens_per_step / (time.perf_counter() - timer)
+                    speed = {"tokens_per_s": tps,
+                             "mfu": mfu(tps, flops_tok, device_kind, mesh.size)}
+                lr = optim.build_schedule(cfg.optim, cfg.optim.lr, t.steps)(step - 1)
+                log(step, "train", {**last, "lr": float(lr), **speed})
+                bar.set_postfix(loss=f"{last['loss']:.3f}",
+                                tok_s=f"{speed['tokens_per_s'] or 0:,.0f}",
+                                mfu=format_mfu(speed["mfu"]), refresh=False)
+                timer, timer_steps = time.perf_counter(), 0
+            bar.update(1)
+            if t.eval_every and step % t.eval_every == 0 and not done:
+                ev = evaluate(model, ds, mesh, t.eval_batches)
+                log(step, "eval", ev)
+                bar.write(f"step {step}: validation loss {ev['loss']:.4f}, "
+                          f"bits/byte {_fmt(ev['bits_per_byte'])}")
+                plot()
+                timer, timer_steps = time.perf_counter(), 0
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
+                ckpt.save(step, train_state(), loader.get_state())
+                timer, timer_steps = time.perf_counter(), 0
+            if stop.requested:
+                stopped = True
+                break
+    bar.close()
+    ckpt.close()   # waits for the last save
+    result = {"step": step, "stopped": stopped, "train_loss": last.get("loss"),
+              "val_loss": None, "val_perplexity": None, "val_bits_per_byte": None,
+              "sample": None, **speed}
+    if stopped:
+        print(f"stopped at step {step}: checkpoint saved in {ckpt.directory}")
+    else:
+        ev = evaluate(model, ds, mesh, t.eval_batches)
+        log(step, "eval", ev)
+        result.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"],
+                      val_bits_per_byte=ev["bits_per_byte"])
+        if t.sample_tokens:
+            rng, key = jax.random.split(rng)
+            ids = generate(model, ds.tokenizer.encode(t.sample_prompt),
+                           max_new_tokens=t.sample_tokens,
+                           temperature=float(t.get("sample_temperature", 0.0)), rng=key)
+            result["sample"] = ds.tokenizer.decode(ids)
+            print(f"--- sample (prompt {t.sample_prompt!r}) ---\n{result['sample']}\n---")
+        print(f"step {step}: train loss {_fmt(result['train_loss'])}, validation loss "
+              f"{ev['loss']:.4f} (perplexity {ev['perplexity']:.2f}), "
+              f"{_fmt(speed['tokens_per_s'], '{:,.0f}')} tokens/s, MFU {format_mfu(speed['mfu'])}")
+        print(f"validation bits/byte: {_fmt(ev['bits_per_byte'])}")
+    plot()
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def _fmt(x, spec: str = "{:.4f}") -> str:
+    return "n/a" if x is None else spec.format(x)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "config file and variant, e.g. configs/llama3.py:tiny")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics")
+    flags.mark_flags_as_required(["config", "workdir"])
+    # absl shows INFO logs under app.run; orbax logs every save at INFO. Warnings and up
+    # unless --verbosity says otherwise.
+    flags.FLAGS.set_default("verbosity", -1)
+    app.run(main)

@@ -1,0 +1,90 @@
+"""Check a whole training config before anything is computed or written.
+
+`check_config(cfg)` runs every section's own checks (arch, data, optim, mesh) and the
+cross-field ones that only the trainer knows: the sequence fits the model, the batch
+splits into microbatches and over the data-parallel devices, the tokenizer fits the
+vocabulary, the sample fits the context. Every failure is a ValueError that names the
+field, its value and what is allowed. No model is built: shapes come from
+`nnx.eval_shape`, the tokenizer from its file, and no data is read.
+
+    >>> from configs.llama3 import get_config
+    >>> cfg = get_config("tiny")
+    >>> cfg.data.seq_len = 512
+    >>> check_config(cfg)
+    Traceback (most recent call last):
+    ValueError: data.seq_len=512 must be <= model.max_seq_len=256
+"""
+from __future__ import annotations
+
+import arch
+import data
+import optim
+from trainer.mesh import check_mesh_config
+
+SECTIONS = ("model", "data", "optim", "train", "mesh")
+
+
+def _int_field(cfg, name: str, low: int) -> int:
+    v = cfg.train[name]
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise ValueError(f"train.{name}={v!r} must be an int >= {low}")
+    return v
+
+
+def check_train_config(cfg) -> None:
+    t = cfg.train
+    _int_field(cfg, "steps", 1)
+    accum = _int_field(cfg, "grad_accum", 1)
+    for name in ("eval_every", "checkpoint_every", "sample_tokens"):  # 0: only at the end / off
+        _int_field(cfg, name, 0)
+    for name in ("eval_batches", "log_every", "keep_checkpoints"):
+        _int_field(cfg, name, 1)
+    if not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
+        raise ValueError(f"train.z_loss={t.z_loss!r} must be a number >= 0")
+    if t.sample_tokens and not t.sample_prompt:
+        raise ValueError(f"train.sample_prompt={t.sample_prompt!r} must be non-empty text "
+                         "when train.sample_tokens > 0 (or set sample_tokens=0)")
+    if cfg.data.batch_size % accum:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by "
+                         f"train.grad_accum={accum}")
+
+
+def check_config(cfg, *, num_devices: int | None = None) -> None:
+    """ValueError naming the first bad field of a training config; silent if all is well."""
+    missing = [s for s in SECTIONS if s not in cfg]
+    if missing:
+        raise ValueError(f"config lacks sections {missing}; it needs {SECTIONS}")
+    check_train_config(cfg)
+    data.check_data_config(cfg.data)
+    m = cfg.model
+    if m.kind == "encoder_decoder":
+        raise ValueError("model.kind='encoder_decoder' is not trained by train.py (it needs "
+                         "encoder inputs); allowed: ('decoder', 'encoder')")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} must be <= "
+                         f"model.max_seq_len={m.max_seq_len}")
+    tau = cfg.optim.get("qk_clip_tau")
+    if tau is not None and not m.track_max_logits:
+        raise ValueError(f"optim.qk_clip_tau={tau} needs model.track_max_logits=True "
+                         "(QK-Clip reads the max attention logits the model reports)")
+    # Builds the abstract model: runs every construction-time check of arch/.
+    arch.count_params(m)
+    optim.build_optimizer(cfg.optim, None, total_steps=cfg.train.steps)
+    mesh = check_mesh_config(cfg.mesh, num_devices)
+    micro = cfg.data.batch_size // cfg.train.grad_accum
+    if micro % mesh["data"]:
+        raise ValueError(f"data.batch_size / train.grad_accum = {micro} rows per microbatch "
+                         f"must be divisible by the {mesh['data']} data-parallel devices (mesh.data)")
+    tok = data.make_tokenizer(cfg.data.tokenizer, field="data.tokenizer")
+    if tok.vocab_size > m.vocab_size:
+        raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                         f"{tok.vocab_size} tokens (data.tokenizer={cfg.data.tokenizer!r})")
+    if cfg.train.sample_tokens:
+        n_prompt = len(tok.encode(cfg.train.sample_prompt))
+        if n_prompt + cfg.train.sample_tokens > m.max_seq_len:
+            raise ValueError(f"train.sample_prompt ({n_prompt} tokens) + train.sample_tokens="
+                             f"{cfg.train.sample_tokens} must be <= model.max_seq_len={m.max_seq_len}")
+
+
+class ConfigError(ValueError):
+    """A config or its data failed a check before training started (train.py exits with it)."""
