@@ -36,22 +36,26 @@ def layer_kind(cfg, layer_idx: int) -> str:
     return pattern[layer_idx % len(pattern)]
 
 
-def validate_attention_config(cfg) -> None:
-    """Fail at construction, naming the field, for anything the layers cannot build."""
+def validate_attention_config(cfg, kinds=None) -> None:
+    """Fail at construction, naming the field, for anything the layers cannot build.
+
+    `kinds` are the layer kinds to check (default: those of `cfg.layer_pattern`).
+    """
+    kinds = tuple(cfg.layer_pattern) if kinds is None else tuple(kinds)
     if cfg.num_heads % cfg.num_kv_heads:
         raise ValueError(f"model.num_heads={cfg.num_heads} must be divisible by "
                          f"model.num_kv_heads={cfg.num_kv_heads}")
     check_choice("model.attention_impl", cfg.attention_impl, IMPLS)
     check_choice("model.position_embedding", cfg.position_embedding, POSITION_EMBEDDINGS)
-    for kind in cfg.layer_pattern:
+    for kind in kinds:
         check_choice("model.layer_pattern entry", kind, LAYER_KINDS)
-    if "local" in cfg.layer_pattern:
+    if "local" in kinds:
         w = cfg.sliding_window
         if not isinstance(w, int) or w < 1:
             raise ValueError(f"model.sliding_window={w!r} must be a positive int for 'local' layers")
         if w > cfg.max_seq_len:
             raise ValueError(f"model.sliding_window={w} must not exceed model.max_seq_len={cfg.max_seq_len}")
-    if "chunked" in cfg.layer_pattern:
+    if "chunked" in kinds:
         c = cfg.chunk_size
         if not isinstance(c, int) or c < 1:
             raise ValueError(f"model.chunk_size={c!r} must be a positive int for 'chunked' layers")
@@ -69,8 +73,8 @@ class Attention(nnx.Module):
     """Self-attention (or cross-attention with `kv_input`) over [B, T, D] activations."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, layer_kind: str = "global", cross: bool = False):
-        validate_attention_config(cfg)
         check_choice("layer_kind", layer_kind, LAYER_KINDS)
+        validate_attention_config(cfg, kinds=tuple(cfg.layer_pattern) + (layer_kind,))
         self.cfg, self.kind, self.cross = cfg, layer_kind, cross
         h, hkv, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
         kw = dict(rngs=rngs, std=cfg.init_std, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))

@@ -353,21 +353,38 @@ def moe_modules(model) -> list[tuple[tuple, MoE]]:
     return sorted(found, key=key)
 
 
+def _expert_loads(aux):
+    """The per-layer loads from any of the aux layouts `update_router_biases` accepts."""
+    if not isinstance(aux, dict):
+        return aux
+    if "expert_load" in aux:
+        return aux["expert_load"]
+    layers = aux.get("layers")
+    if isinstance(layers, dict) and "expert_load" in layers:
+        return layers["expert_load"]                                      # scanned: [L, E]
+    if isinstance(layers, (list, tuple)):
+        return [a["expert_load"] for a in layers if "expert_load" in a]   # MoE layers in order
+    raise ValueError(f"aux has no 'expert_load' (keys: {sorted(aux)}); pass the MoE layers' loads")
+
+
 def update_router_biases(model, aux, rate: float | None = None) -> None:
     """Aux-loss-free bias update for every MoE layer of `model`; call after each train step.
 
     Args:
       model: any nnx module (a single MoE, a block, a whole LM).
-      aux: the model's aux dict, or directly the loads. `aux["expert_load"]` holds the
-        per-layer expert loads, stacked in `moe_modules(model)` order: shape
-        [num_moe_layers, E] (a list of [E] arrays also works). A module whose weights are
-        stacked over L layers (nnx.scan) consumes L consecutive rows. For a single MoE,
-        its own aux ([E] load) is accepted as is.
+      aux: where the per-layer expert loads are, in `moe_modules(model)` order:
+        - a single MoE's own aux: `aux["expert_load"]` is [E];
+        - any dict with `aux["expert_load"]` of shape [num_moe_layers, E] (or a list of [E]);
+        - the aux of arch/model.py: `aux["layers"]` is a list of per-layer dicts (the
+          MoE layers' "expert_load" are taken in order, dense layers skipped) or, with
+          scan_layers, a dict of stacked arrays whose "expert_load" is [L, E];
+        - or the loads themselves (an array or a list).
+        A module whose weights are stacked over L layers (nnx.scan) consumes L rows.
       rate: overrides each module's moe.bias_update_rate.
 
     Works eagerly or inside an nnx.jit'ed train step (it assigns RouterBias values).
     """
-    loads = aux["expert_load"] if isinstance(aux, dict) else aux
+    loads = _expert_loads(aux)
     if isinstance(loads, (list, tuple)):
         loads = jnp.stack([jnp.asarray(v) for v in loads])
     mods = moe_modules(model)

@@ -130,7 +130,7 @@ def _round_up(n: int, m: int) -> int:
 # ----------------------------------------------------------------------------- tile math
 def _scores(a, b, cfg: _Config):
     """Logits a @ b.T in base-2 units, f32; also tanh(.) for the soft-cap derivative."""
-    s = pl.dot(a, b, trans_b=True)
+    s = plgpu.dot(a, b, trans_b=True)
     if cfg.logit_soft_cap is None:
         return s * (cfg.sm_scale * LOG2E), None
     t = jnp.tanh(s * (cfg.sm_scale / cfg.logit_soft_cap))
@@ -206,7 +206,7 @@ def _fwd_kernel(*refs, cfg: _Config):
         alpha = jnp.exp2(m - m_sub)
         p = jnp.exp2(s - m_sub[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
     carry = (jnp.zeros((bq, dv), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
@@ -294,11 +294,11 @@ def _dq_kernel(*refs, cfg: _Config):
             keep = _keep(q_pos, r["kv_pos"][ks][None, :], q_seg, kv_seg, kv_idx, cfg)
             s = jnp.where(keep, s, -jnp.inf)
         p = jnp.exp2(s - lse)
-        dp = pl.dot(do, v, trans_b=True)  # [bq, bk]
+        dp = plgpu.dot(do, v, trans_b=True)  # [bq, bk]
         ds = p * (dp - delta)
         if t is not None:  # d/dx cap * tanh(x / cap) = 1 - tanh^2
             ds = ds * (1.0 - t * t)
-        return dq + pl.dot(ds.astype(k.dtype), k)
+        return dq + plgpu.dot(ds.astype(k.dtype), k)
 
     dq = _visit(r["spans"], r["k"].shape[0] // bk, body,
                 jnp.zeros(q.shape, jnp.float32), cfg)
@@ -335,12 +335,12 @@ def _dkv_kernel(*refs, cfg: _Config):
             keep = _keep(r["q_pos"][qs][None, :], kv_pos, q_seg, kv_seg, kv_idx, cfg)
             s_t = jnp.where(keep, s_t, -jnp.inf)
         p_t = jnp.exp2(s_t - r["lse"][g, qs][None, :])
-        dv = dv + pl.dot(p_t.astype(do.dtype), do)
-        dp_t = pl.dot(v, do, trans_b=True)  # [bk, bq]
+        dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
+        dp_t = plgpu.dot(v, do, trans_b=True)  # [bk, bq]
         ds_t = p_t * (dp_t - r["delta"][g, qs][None, :])
         if t_t is not None:
             ds_t = ds_t * (1.0 - t_t * t_t)
-        return dk + pl.dot(ds_t.astype(q.dtype), q), dv
+        return dk + plgpu.dot(ds_t.astype(q.dtype), q), dv
 
     def per_head(g, carry):
         return _visit(r["spans"], r["q"].shape[0] // bq,

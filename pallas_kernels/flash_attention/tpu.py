@@ -7,8 +7,8 @@ blocks stream past it and an online softmax in f32 VMEM scratch (running max m, 
 sum l, accumulator acc) folds them in. The forward saves the log-sum-exp; the backward
 recomputes the probabilities from it in two kernels: dq (key blocks innermost) and
 dk/dv (query blocks and the query heads that share the kv head innermost, so GQA needs
-no K/V repeat and no reduction afterwards). Tiles the mask hides are skipped, and the index maps keep a
-resident block instead of fetching theirs (tpu_mask.py).
+no K/V repeat and no reduction afterwards). Tiles the mask hides are skipped, and those before or after
+a row's live tiles cost no DMA either: the index maps keep a resident block (tpu_mask.py).
 
     import jax, jax.numpy as jnp
     from pallas_kernels.flash_attention import tpu
@@ -76,8 +76,9 @@ class BlockSizes:
                 raise ValueError(f"{name}={value!r} must be a positive multiple of 8")
 
     def fitted(self, q_len: int, kv_len: int) -> BlockSizes:
-        """Backward sizes filled in; blocks longer than the sequence shrunk to it (rounded to 8)."""
-        fit = lambda block, length: min(block, _round_up(length, 8))
+        """Backward sizes filled in; a block longer than its sequence is shrunk to it,
+        rounded up to 16 rows (a whole bf16 tile), so short sequences are not padded to 128."""
+        fit = lambda block, length: min(block, _round_up(length, 16))
         return BlockSizes(
             block_q=fit(self.block_q, q_len),
             block_kv=fit(self.block_kv, kv_len),

@@ -458,3 +458,26 @@ def test_bad_config_raises(overrides, field):
 def test_bad_segment_ids_shape_raises():
     with pytest.raises(ValueError, match="segment_ids"):
         make_moe(0)(jnp.ones((2, 3, 16)), segment_ids=jnp.ones((2, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_update_router_biases_from_model_aux(scan):
+    """Interface with arch/model.py: its aux (per-layer list, or stacked when scanned)."""
+    from arch.model import build_model
+    from configs.deepseek_v3 import get_config
+
+    cfg = get_config("tiny").model
+    cfg.moe.bias_update_rate = 0.5
+    if scan:
+        cfg.moe.first_k_dense, cfg.scan_layers = 0, True
+    model = build_model(cfg, 0)
+    tokens = jax.random.randint(jax.random.key(21), (2, 8), 0, cfg.vocab_size)
+    _, aux = nnx.jit(lambda m, t: m(t))(model, tokens)
+    layers = aux["layers"]
+    loads = (np.asarray(layers["expert_load"]) if scan else
+             np.stack([np.asarray(a["expert_load"]) for a in layers if "expert_load" in a]))
+    assert (loads.sum(-1) == 2 * 8 * cfg.moe.top_k).all()
+    update_router_biases(model, aux)
+    biases = np.concatenate([np.asarray(m.router_bias[...]).reshape(-1, cfg.moe.num_experts)
+                             for _, m in moe_lib.moe_modules(model)])
+    np.testing.assert_array_equal(biases, 0.5 * np.sign(loads.mean(-1, keepdims=True) - loads))

@@ -75,6 +75,8 @@ def muon_reference(params, grads_seq, *, name, lr, beta, wd, clip, b1, b2, eps):
         scale = jnp.minimum(1.0, clip / gnorm) if clip else 1.0
         for n, (axes, shape, kind) in PARAMS.items():
             g = grads[n] * scale
+            if name == "adamw":
+                kind = "adam"
             m[n] = beta * m[n] + (1 - beta) * g if kind != "adam" else b1 * m[n] + (1 - b1) * g
             if kind == "adam":
                 v2[n] = b2 * v2[n] + (1 - b2) * g * g
@@ -115,7 +117,7 @@ def run_tx(tx, params, grads_seq):
     return pure
 
 
-@pytest.mark.parametrize("name,clip", [("muon", None), ("moonlight", 0.5)])
+@pytest.mark.parametrize("name,clip", [("muon", None), ("moonlight", 0.5), ("adamw", None)])
 def test_muon_matches_plain_reference(name, clip):
     params = make_params(jax.random.key(0))
     keys = jax.random.split(jax.random.key(1), 3)
@@ -128,6 +130,26 @@ def test_muon_matches_plain_reference(name, clip):
                           beta=cfg.muon_momentum, wd=cfg.weight_decay, clip=clip,
                           b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     chex.assert_trees_all_close(dict(got), want, atol=2e-6, rtol=1e-4)
+
+
+def test_nnx_optimizer_with_lazy_labels():
+    """build_optimizer(cfg) without params labels from what nnx.Optimizer passes to init."""
+    class Model(nnx.Module):
+        def __init__(self):
+            for n, v in make_params(jax.random.key(0)).items():
+                setattr(self, n, v)
+
+    grads = nnx.State({n: jax.random.normal(jax.random.key(5), shape)
+                       for n, (_, shape, _) in PARAMS.items()})
+    out = []
+    for with_params in (True, False):
+        model = Model()
+        tx = build_optimizer(optim_cfg("moonlight"), nnx.state(model, nnx.Param) if with_params else None)
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        nnx.jit(lambda m, o, g: o.update(m, g))(model, opt, grads)
+        out.append(nnx.as_pure(nnx.state(model, nnx.Param)))
+    chex.assert_trees_all_close(out[0], out[1])
+    assert not np.allclose(out[0]["q"], nnx.as_pure(make_params(jax.random.key(0)))["q"])
 
 
 def test_reference_is_sensitive():

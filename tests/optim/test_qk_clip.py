@@ -126,7 +126,12 @@ def test_mla_clip_never_touches_shared_rotary_key():
 
 @pytest.mark.parametrize("variant", ["gqa", "gqa_scan", "mla"])
 def test_real_model_max_logits_after_clip(variant):
-    """arch/model.py's aux["max_logits"] [L, H] drives the clip; its own recount stays <= tau."""
+    """arch/model.py's aux["max_logits"] [L, H] drives the clip; its own recount stays <= tau.
+
+    Layer 0 sees the same input after the clip, so its bound is exact. Deeper layers see
+    inputs changed by the clip below them, so their recounted logits may move either way
+    (QK-Clip bounds the logits of the batch it was computed on, layer by layer).
+    """
     cfg = model_defaults()
     cfg.update(num_layers=2, track_max_logits=True, init_std=0.5, scan_layers=variant == "gqa_scan")
     nope = None
@@ -142,8 +147,7 @@ def test_real_model_max_logits_after_clip(variant):
     before = nnx.state(model, nnx.Param)
     nnx.update(model, qk_clip(before, s, tau=tau, qk_nope_head_dim=nope))
     _, aux2 = model(tokens)
-    assert (aux2["max_logits"] <= tau + TOL * tau).all(), (aux2["max_logits"], tau)
-    # Layer 0's input does not depend on any clip, so its heads are exactly comparable.
+    assert (aux2["max_logits"][0] <= tau + TOL * tau).all(), (aux2["max_logits"], tau)
     np.testing.assert_allclose(aux2["max_logits"][0][s[0] > tau], tau, rtol=TOL)
 
 

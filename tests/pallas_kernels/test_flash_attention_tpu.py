@@ -92,16 +92,21 @@ def _check(case: Case, seed=0):
                             block_q_bwd=case.block_kv, block_kv_bwd=case.block_q)
     kernel = lambda *a, **k: tpu.flash_attention_with_lse(*a, block_sizes=blocks, **k)
     ref = lambda *a, **k: reference.mha_reference(*a, return_lse=True, **k)
+    args = qkv
+    if case.sinks:  # differentiate the sinks too
+        args = (*qkv, kw.pop("sinks"))
+        kernel, ref = (lambda q, k, v, s, f=f, **kw: f(q, k, v, sinks=s, **kw)
+                       for f in (kernel, ref))
     # Rows with no kept key have lse = -inf in both; give them no lse cotangent.
-    _, lse_ref = ref(*qkv, **kw)
+    _, lse_ref = ref(*args, **kw)
     dlse = jnp.where(jnp.isfinite(lse_ref), dlse, 0.0)
-    (o, lse), grads = _fwd_bwd(kernel, qkv, (do, dlse), kw)
-    (o_ref, lse_ref), grads_ref = _fwd_bwd(ref, qkv, (do, dlse), kw)
+    (o, lse), grads = _fwd_bwd(kernel, args, (do, dlse), kw)
+    (o_ref, lse_ref), grads_ref = _fwd_bwd(ref, args, (do, dlse), kw)
 
     chex.assert_shape(o, (case.batch, case.q_len, case.heads, case.d_v))
     chex.assert_shape(lse, (case.batch, case.heads, case.q_len))
     assert o.dtype == qkv[0].dtype and lse.dtype == jnp.float32
-    for g, x in zip(grads, qkv):
+    for g, x in zip(grads, args):
         assert g.shape == x.shape and g.dtype == x.dtype
     f32 = case.dtype == "float32"
     # Gradients sum over Tk (dq) or Tq * H/Hkv (dk, dv) products: scale the tolerance.
@@ -111,7 +116,7 @@ def _check(case: Case, seed=0):
     np.testing.assert_array_equal(jnp.isfinite(lse), finite)  # same empty rows
     chex.assert_trees_all_close(jnp.where(finite, lse, 0), jnp.where(finite, lse_ref, 0),
                                 atol=1e-5 if f32 else 2e-2)
-    for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+    for name, g, g_ref in zip(("dq", "dk", "dv", "dsinks"), grads, grads_ref):
         assert bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))), f"{name} has NaN/inf"
         scale = max(1.0, float(jnp.abs(g_ref.astype(jnp.float32)).max()))
         chex.assert_trees_all_close(g.astype(jnp.float32), g_ref.astype(jnp.float32),

@@ -1,0 +1,282 @@
+"""Load and save Hugging Face checkpoints (config.json + safetensors) as our models.
+
+    from arch import hf
+    model, cfg = hf.load("path/to/Llama-3.2-1B")          # a local directory
+    logits, aux = model(tokens)
+    hf.save(model, cfg, "out/")                            # config.json + model.safetensors
+
+`load` picks the family from `config.json`'s `model_type` (llama, mistral, mixtral,
+qwen2, qwen3, qwen3_moe, gemma3_text / gemma3, olmo2, deepseek_v3 / kimi_k2, gpt2,
+smollm3), translates the config (arch/hf_config.py), builds the model abstractly with
+`nnx.eval_shape` (nothing allocated), then streams the checkpoint one tensor at a time
+(`safetensors.safe_open(..., framework="numpy")`), reshaping each into our layout
+(arch/hf_names.py) and placing it; the checkpoint is never held twice. Per-expert
+tensors fill slots of our stacked `[E, ...]` expert weights.
+
+Before reading any tensor data, `load` checks the whole checkpoint against the model:
+a missing tensor, an unexpected one, or a wrong shape raises ValueError naming the
+tensor; after reading, every parameter must have been filled. Nothing is returned
+half-loaded.
+
+`save` writes the inverse: the same tensor names, layouts and config fields that
+transformers writes, sharded with a `model.safetensors.index.json` past
+`max_shard_bytes`. save -> load is bitwise exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from arch.hf_config import from_hf, to_hf
+from arch.hf_names import Entry, canonical_name, tensor_entries
+from arch.model import build_model
+
+INDEX_FILE = "model.safetensors.index.json"
+# safetensors' numpy backend cannot build these dtypes; we read their bytes ourselves.
+_RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+               "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
+# ---------------------------------------------------------------------------- reading files
+
+
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file of a checkpoint directory (single file or sharded)."""
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"path={path!r} has no *.safetensors file and no {INDEX_FILE}")
+    names = {}
+    for file in files:
+        with safe_open(os.path.join(path, file), framework="numpy") as f:
+            names.update({name: os.path.join(path, file) for name in f.keys()})
+    return names
+
+
+def _read_raw(file: str, name: str, dtype) -> np.ndarray:
+    """One tensor of a dtype numpy lacks (bf16, fp8), memory-mapped from its byte range."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(header_len))[name]
+    start, stop = info["data_offsets"]
+    raw = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len + start, shape=(stop - start,))
+    return np.asarray(raw).view(dtype).reshape(info["shape"])
+
+
+def _get(handle, file: str, name: str) -> np.ndarray:
+    dt = handle.get_slice(name).get_dtype()
+    return _read_raw(file, name, _RAW_DTYPES[dt]) if dt in _RAW_DTYPES else handle.get_tensor(name)
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+def _abstract_model(cfg):
+    model = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    return graphdef, dict(nnx.to_flat_state(state))
+
+
+def _piece_shape(var, entry: Entry) -> tuple:
+    shape = tuple(var.value.shape)
+    return shape[1:] if entry.index is not None else shape
+
+
+def _hf_shapes(entries, flat) -> dict[str, tuple]:
+    """The shape every HF tensor must have, from our abstract shapes through `to_hf`."""
+    shapes = {}
+    for e in entries:
+        var = flat[e.ours]
+        piece = jax.ShapeDtypeStruct(_piece_shape(var, e), var.value.dtype)
+        shape = tuple(jax.eval_shape(e.to_hf, piece).shape)
+        if e.split is not None:  # the full fused tensor: pieces side by side on `axis`
+            axis, _, stop = e.split
+            prev = shapes.get(e.hf, shape)
+            shape = shape[:axis] + (max(stop, prev[axis]),) + shape[axis + 1:]
+        shapes[e.hf] = shape
+    return shapes
+
+
+def _check_coverage(entries, flat, family: str) -> None:
+    """Every parameter of the model is filled by the mapping (a bug there, not in the file)."""
+    covered = defaultdict(set)
+    for e in entries:
+        if e.ours not in flat:
+            raise ValueError(f"HF tensor {e.hf} maps to {'/'.join(map(str, e.ours))}, "
+                             "which the model does not have")
+        covered[e.ours].add(e.index)
+    for path, var in flat.items():
+        n = var.value.shape[0] if None not in covered.get(path, {None}) else None
+        want = {None} if n is None else set(range(n))
+        if covered.get(path, set()) != want:
+            raise ValueError(f"parameter {'/'.join(map(str, path))} has no Hugging Face tensor "
+                             f"in the {family} layout")
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def load(path: str, *, dtype=jnp.float32):
+    """Load a local Hugging Face checkpoint directory as (model, cfg).
+
+    Args:
+      path: directory with config.json and *.safetensors (or a sharded index).
+      dtype: parameter and compute dtype of the returned model (cfg.model.param_dtype/dtype).
+
+    Returns:
+      (model, cfg): an nnx model and the full config (configs/base.py) it was built from.
+
+    Raises:
+      ValueError: unsupported model_type / config value (naming the field), a missing,
+        unexpected or wrongly shaped tensor (naming the tensor).
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        hf_cfg = json.load(f)
+    dtype_name = jnp.dtype(dtype).name
+    cfg = from_hf(hf_cfg, dtype_name)
+    m = cfg.model
+    graphdef, flat = _abstract_model(cfg)
+    entries = tensor_entries(m)
+    _check_coverage(entries, flat, m.family)
+    by_name = defaultdict(list)
+    for e in entries:
+        by_name[e.hf].append(e)
+    expected = _hf_shapes(entries, flat)
+
+    # Check names and shapes of the whole checkpoint before reading any data.
+    files = checkpoint_files(path)
+    canonical = {}
+    for name in files:
+        c = canonical_name(name, m, hf_cfg)
+        if c is None:
+            continue
+        if c not in by_name:
+            raise ValueError(f"unexpected tensor {name!r} in the checkpoint: the {m.family} model "
+                             "has no parameter for it")
+        canonical[c] = name
+    missing = sorted(set(by_name) - set(canonical))
+    if missing:
+        raise ValueError(f"missing tensor {missing[0]!r} (and {len(missing) - 1} more) in the checkpoint")
+    by_file = defaultdict(list)
+    for c, name in canonical.items():
+        by_file[files[name]].append((c, name))
+    for file, names in by_file.items():
+        with safe_open(file, framework="numpy") as f:
+            for c, name in names:
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[c]:
+                    raise ValueError(f"tensor {name!r} has shape {shape}, expected {expected[c]} "
+                                     f"for this config.json")
+
+    # Stream: one tensor in host memory at a time (plus stacked experts being assembled).
+    values, stacks, filled = {}, {}, defaultdict(int)
+    for file, names in by_file.items():
+        with safe_open(file, framework="numpy") as f:
+            for c, name in sorted(names):
+                tensor = _get(f, file, name)
+                for e in by_name[c]:
+                    piece = tensor
+                    if e.split is not None:
+                        axis, start, stop = e.split
+                        piece = np.take(tensor, np.arange(start, stop), axis=axis)
+                    value = np.asarray(e.to_ours(piece))
+                    target = flat[e.ours].value
+                    if e.index is None:
+                        values[e.ours] = jnp.asarray(value, target.dtype)
+                        continue
+                    if e.ours not in stacks:
+                        stacks[e.ours] = np.empty(target.shape, target.dtype)
+                    stacks[e.ours][e.index] = value
+                    filled[e.ours] += 1
+                    if filled[e.ours] == target.shape[0]:  # all experts in: move to the device
+                        values[e.ours] = jnp.asarray(stacks.pop(e.ours))
+                del tensor
+    unfilled = sorted(set(flat) - set(values), key=str)
+    if unfilled:
+        raise ValueError(f"parameter {'/'.join(map(str, unfilled[0]))} was not filled by the checkpoint")
+    state = nnx.from_flat_state([(p, var.replace(value=values[p])) for p, var in flat.items()])
+    return nnx.merge(graphdef, state), cfg
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def _our_value(flat, path, scanned: bool):
+    """Our parameter at `path`; a scanned stack stores layer i as row i of one array."""
+    if path in flat:
+        return flat[path]
+    if scanned and path[:2] == ("stack", "layers") and isinstance(path[2], int):
+        stacked = flat.get(path[:2] + path[3:])
+        if stacked is not None:
+            return stacked[path[2]]
+    raise ValueError(f"the model has no parameter {'/'.join(map(str, path))} that its config implies")
+
+
+def save(model, cfg, path: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `model` as a Hugging Face checkpoint: config.json + model*.safetensors.
+
+    Args:
+      model: an nnx model built from `cfg.model` (list or scanned layers).
+      cfg: its full config (or the model config itself).
+      path: output directory (created).
+      max_shard_bytes: start a new shard (and write an index) past this many bytes.
+    """
+    m = cfg.model if "model" in cfg else cfg
+    hf_cfg = to_hf(m)
+    _, state = nnx.split(model)
+    flat = {p: np.asarray(v.value) for p, v in nnx.to_flat_state(state)}
+    entries = tensor_entries(m)
+    by_name = defaultdict(list)
+    for e in entries:
+        by_name[e.hf].append(e)
+    used = set()
+
+    def tensor(name):
+        pieces = []
+        for e in by_name[name]:
+            value = _our_value(flat, e.ours, m.scan_layers)
+            used.add(e.ours if e.ours in flat else e.ours[:2] + e.ours[3:])
+            pieces.append((e, np.asarray(e.to_hf(value if e.index is None else value[e.index]))))
+        if pieces[0][0].split is None:
+            return np.ascontiguousarray(pieces[0][1])
+        pieces.sort(key=lambda p: p[0].split[1])
+        return np.concatenate([p for _, p in pieces], axis=pieces[0][0].split[0])
+
+    os.makedirs(path, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for name in sorted(by_name):
+        t = tensor(name)
+        if current and size + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + t.nbytes
+    shards.append(current)
+    unused = sorted(set(flat) - used, key=str)
+    if unused:
+        raise ValueError(f"parameter {'/'.join(map(str, unused[0]))} has no Hugging Face tensor "
+                         f"in the {hf_cfg['model_type']} layout")
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    if len(shards) > 1:
+        total = sum(t.nbytes for s in shards for t in s.values())
+        with open(os.path.join(path, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2, sort_keys=True)
+
