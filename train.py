@@ -39,7 +39,7 @@ from flax import nnx
 import arch
 import data
 import optim
-from trainer.checkpoint import Checkpointer, abstract_like
+from trainer.checkpoint import Checkpointer, abstract_like, train_state
 from trainer.config import ConfigError, check_config
 from trainer.metrics import MetricsWriter, plot_losses, read_metrics
 from trainer.mesh import make_mesh_from_config, shard_batch, shard_state, state_shardings
@@ -104,12 +104,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
         f.write(cfg.to_json_best_effort(indent=2))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
 
-    def train_state():
-        return {"model": nnx.state(model), "optimizer": nnx.state(optimizer),
-                "rng": jax.random.key_data(rng)}
-
     start = 0
-    state = train_state()
+    state = train_state(model, optimizer, rng)
     found = ckpt.restore_latest(abstract_like(state, state_shardings(state, mesh)))
     if found is not None:
         start, restored, loader_state = found
@@ -178,7 +174,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                 plot()
                 timer, timer_steps = time.perf_counter(), 0
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
-                ckpt.save(step, train_state(), loader.get_state())
+                ckpt.save(step, train_state(model, optimizer, rng), loader.get_state())
                 timer, timer_steps = time.perf_counter(), 0
             if stop.requested:
                 stopped = True
@@ -219,6 +215,9 @@ def _fmt(x, spec: str = "{:.4f}") -> str:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        # absl shows INFO under app.run, and orbax logs every save at INFO.
+        logging.set_verbosity(logging.WARNING)
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
@@ -227,14 +226,11 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import app, flags, logging
     from ml_collections import config_flags
 
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "config file and variant, e.g. configs/llama3.py:tiny")
     _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics")
     flags.mark_flags_as_required(["config", "workdir"])
-    # absl shows INFO logs under app.run; orbax logs every save at INFO. Warnings and up
-    # unless --verbosity says otherwise.
-    flags.FLAGS.set_default("verbosity", -1)
     app.run(main)

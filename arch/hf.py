@@ -30,6 +30,7 @@ from collections import defaultdict
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -194,11 +195,14 @@ def load(path: str, *, dtype=jnp.float32):
                         piece = np.take(tensor, np.arange(start, stop), axis=axis)
                     value = np.asarray(e.to_ours(piece))
                     target = flat[e.ours].value
+                    # Parameters in the requested dtype; other state (RouterBias) keeps its own,
+                    # as transformers keeps e_score_correction_bias in f32.
+                    cast = dtype if isinstance(flat[e.ours], nnx.Param) else target.dtype
                     if e.index is None:
-                        values[e.ours] = jnp.asarray(value, target.dtype)
+                        values[e.ours] = jnp.asarray(value, cast)
                         continue
                     if e.ours not in stacks:
-                        stacks[e.ours] = np.empty(target.shape, target.dtype)
+                        stacks[e.ours] = np.empty(target.shape, cast)
                     stacks[e.ours][e.index] = value
                     filled[e.ours] += 1
                     if filled[e.ours] == target.shape[0]:  # all experts in: move to the device
@@ -214,14 +218,16 @@ def load(path: str, *, dtype=jnp.float32):
 # ---------------------------------------------------------------------------- save
 
 
-def _our_value(flat, path, scanned: bool):
-    """Our parameter at `path`; a scanned stack stores layer i as row i of one array."""
+def _stored_path(flat, path, scanned: bool):
+    """(key in `flat`, layer row or None): a scanned stack stores layer i as row i of one array."""
     if path in flat:
-        return flat[path]
+        return path, None
     if scanned and path[:2] == ("stack", "layers") and isinstance(path[2], int):
-        stacked = flat.get(path[:2] + path[3:])
-        if stacked is not None:
-            return stacked[path[2]]
+        stacked = path[:2] + path[3:]
+        if stacked in flat:
+            return stacked, path[2]
+    if path[-1] == "router_bias":  # trained without aux-loss-free bias: HF's zero bias
+        return None, None
     raise ValueError(f"the model has no parameter {'/'.join(map(str, path))} that its config implies")
 
 
@@ -233,22 +239,33 @@ def save(model, cfg, path: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
       cfg: its full config (or the model config itself).
       path: output directory (created).
       max_shard_bytes: start a new shard (and write an index) past this many bytes.
+
+    Raises:
+      ValueError: the family has no HF layout, or a parameter has no HF tensor (e.g. QK-norm
+        on a Llama); checked before anything is written.
     """
     m = cfg.model if "model" in cfg else cfg
     hf_cfg = to_hf(m)
-    _, state = nnx.split(model)
-    flat = {p: np.asarray(v.value) for p, v in nnx.to_flat_state(state)}
-    entries = tensor_entries(m)
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    if m.moe is not None and hf_cfg["model_type"] == "deepseek_v3" and m.moe.bias_update_rate <= 0:
+        m = mlc.ConfigDict(m.to_dict())  # DeepSeek-V3 files always carry e_score_correction_bias
+        m.moe.bias_update_rate = 1e-3
     by_name = defaultdict(list)
-    for e in entries:
-        by_name[e.hf].append(e)
-    used = set()
+    for e in tensor_entries(m):
+        by_name[e.hf].append((e, *_stored_path(flat, e.ours, m.scan_layers)))
+    unused = sorted(set(flat) - {key for pieces in by_name.values() for _, key, _ in pieces}, key=str)
+    if unused:
+        raise ValueError(f"parameter {'/'.join(map(str, unused[0]))} has no Hugging Face tensor "
+                         f"in the {hf_cfg['model_type']} layout")
 
-    def tensor(name):
+    def tensor(name):  # one HF tensor from its pieces
         pieces = []
-        for e in by_name[name]:
-            value = _our_value(flat, e.ours, m.scan_layers)
-            used.add(e.ours if e.ours in flat else e.ours[:2] + e.ours[3:])
+        for e, key, row in by_name[name]:
+            if key is None:
+                pieces.append((e, np.zeros((m.moe.num_experts,), np.float32)))
+                continue
+            value = np.asarray(flat[key].value)
+            value = value if row is None else value[row]
             pieces.append((e, np.asarray(e.to_hf(value if e.index is None else value[e.index]))))
         if pieces[0][0].split is None:
             return np.ascontiguousarray(pieces[0][1])
@@ -256,27 +273,36 @@ def save(model, cfg, path: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
         return np.concatenate([p for _, p in pieces], axis=pieces[0][0].split[0])
 
     os.makedirs(path, exist_ok=True)
-    shards, current, size = [], {}, 0
-    for name in sorted(by_name):
-        t = tensor(name)
-        if current and size + t.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name], size = t, size + t.nbytes
-    shards.append(current)
-    unused = sorted(set(flat) - used, key=str)
-    if unused:
-        raise ValueError(f"parameter {'/'.join(map(str, unused[0]))} has no Hugging Face tensor "
-                         f"in the {hf_cfg['model_type']} layout")
-    weight_map = {}
+    shards = _plan_shards(sorted(by_name), by_name, flat, max_shard_bytes)
+    weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        tensors = {name: tensor(name) for name in shard}  # one shard in host memory at a time
+        total += sum(t.nbytes for t in tensors.values())
+        save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
         weight_map.update({name: file for name in shard})
+        del tensors
     if len(shards) > 1:
-        total = sum(t.nbytes for s in shards for t in s.values())
         with open(os.path.join(path, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2, sort_keys=True)
 
+
+def _plan_shards(names, by_name, flat, max_bytes: int) -> list[list[str]]:
+    """Group tensor names into shards of at most `max_bytes` (a larger tensor gets its own)."""
+    shards, current, size = [], [], 0
+    for name in names:
+        nbytes = 0
+        for e, key, row in by_name[name]:
+            if key is None:
+                continue
+            var = flat[key]
+            shape = var.value.shape[(row is not None) + (e.index is not None):]
+            nbytes += int(np.prod(shape)) * np.dtype(var.value.dtype).itemsize
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    return shards + [current]

@@ -204,7 +204,8 @@ def _qwen3(hf, m) -> None:
 
 def _mixtral(hf, m) -> None:
     _llama(hf, m)
-    _moe_from(hf, m, num_experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
+    experts = hf.get("num_local_experts", hf.get("num_experts"))
+    _moe_from(hf, m, num_experts=int(experts), top_k=int(hf["num_experts_per_tok"]),
               expert_mlp_dim=m.mlp_dim, score_func="softmax", norm_topk_prob=True)
 
 
@@ -214,7 +215,8 @@ def _qwen3_moe(hf, m) -> None:
     step = int(hf.get("decoder_sparse_step", 1))
     if dense != list(range(len(dense))) or (dense and step != 1):
         _fail("mlp_only_layers", dense, "a prefix [0, k) of the layers (with decoder_sparse_step=1)")
-    _moe_from(hf, m, num_experts=int(hf["num_experts"]), top_k=int(hf["num_experts_per_tok"]),
+    experts = hf.get("num_experts", hf.get("num_local_experts"))  # transformers 5 writes the latter
+    _moe_from(hf, m, num_experts=int(experts), top_k=int(hf["num_experts_per_tok"]),
               expert_mlp_dim=int(hf["moe_intermediate_size"]), score_func="softmax",
               norm_topk_prob=bool(hf.get("norm_topk_prob", False)), first_k_dense=len(dense),
               every=step)
@@ -245,7 +247,7 @@ def _gemma3(hf, m) -> None:
     m.rope_local_theta = float(local.get("rope_theta", 10_000.0))
     local_scaling = _rope_scaling(local, hf, "rope_parameters.sliding_attention")
     if local_scaling is not None:
-        if local_scaling != m.rope_scaling:
+        if local_scaling != (m.rope_scaling.to_dict() if m.rope_scaling else None):
             _fail("rope_parameters.sliding_attention", local,
                   "default, or the same scaling as full_attention")
         m.rope_local_scaling = True
@@ -302,7 +304,7 @@ def _deepseek_v3(hf, m) -> None:
     _require(hf, "scoring_func", ("sigmoid", "softmax"), "sigmoid")
     _require(hf, "topk_method", ("noaux_tc",), "noaux_tc")
     _require(hf, "moe_layer_freq", (1,), 1)
-    experts = int(hf["n_routed_experts"])
+    experts = int(hf.get("n_routed_experts", hf.get("num_local_experts")))
     _moe_from(hf, m, num_experts=experts, top_k=int(hf["num_experts_per_tok"]),
               expert_mlp_dim=int(hf["moe_intermediate_size"]),
               num_shared_experts=int(hf.get("n_shared_experts") or 0),
@@ -367,14 +369,48 @@ def from_hf(hf: dict, dtype: str = "float32") -> mlc.ConfigDict:
 # ---------------------------------------------------------------------------- export
 
 
+# Fields that do not change the forward pass, or that config.json does not carry.
+_NOT_ARCHITECTURE = {"family", "dtype", "param_dtype", "attention_impl", "scan_layers", "remat",
+                     "track_max_logits", "init_std", "dropout", "moe.aux_loss_coef", "moe.z_loss_coef",
+                     "moe.bias_update_rate", "moe.dispatch", "moe.capacity_factor",
+                     "moe.aux_loss_granularity"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("moe", "mla"):
+            out.update(_flatten(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def to_hf(m) -> dict:
-    """Our model config -> an HF config.json dict (inverse of `from_hf` for the families above)."""
+    """Our model config -> an HF config.json dict; ValueError naming the first field that the
+    family's config.json cannot express (checked by reading the result back with `from_hf`)."""
+    out = _to_hf(m)
+    back = _flatten(from_hf(out, m.param_dtype).model.to_dict())
+    ours = _flatten(m.to_dict() if hasattr(m, "to_dict") else dict(m))
+    for field in sorted(set(ours) | set(back)):
+        if field in _NOT_ARCHITECTURE or field.split(".")[0] in _NOT_ARCHITECTURE:
+            continue
+        a, b = ours.get(field), back.get(field)
+        if a != b and not (isinstance(a, (list, tuple)) and tuple(a) == tuple(b or ())):
+            raise ValueError(f"model.{field}={a!r} cannot be expressed in a {out['model_type']} "
+                             f"config.json (it would load as {b!r})")
+    return out
+
+
+def _to_hf(m) -> dict:
     if m.family not in FAMILY_TO_TYPE:
         _fail("model.family (for export)", m.family, tuple(FAMILY_TO_TYPE))
     model_type = FAMILY_TO_TYPE[m.family]
     out = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
            "torch_dtype": m.param_dtype, "vocab_size": m.vocab_size,
-           "tie_word_embeddings": bool(m.tie_embeddings), "initializer_range": m.init_std}
+           "tie_word_embeddings": bool(m.tie_embeddings), "initializer_range": m.init_std,
+           # Token ids belong to the tokenizer; family defaults may lie outside our vocab.
+           "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
     if model_type == "gpt2":
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[m.activation]
         out.update(n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,

@@ -384,12 +384,12 @@ def update_router_biases(model, aux, rate: float | None = None) -> None:
 
     Works eagerly or inside an nnx.jit'ed train step (it assigns RouterBias values).
     """
-    loads = _expert_loads(aux)
-    if isinstance(loads, (list, tuple)):
-        loads = jnp.stack([jnp.asarray(v) for v in loads])
     mods = moe_modules(model)
     if not mods:
         return
+    loads = _expert_loads(aux)
+    if isinstance(loads, (list, tuple)):
+        loads = jnp.stack([jnp.asarray(v) for v in loads])
     e = mods[0][1].num_experts
     loads = jnp.asarray(loads, jnp.float32).reshape(-1, e)                     # [rows, E]
     # A module's router kernel is [D, E], or [L, D, E] when stacked over L layers.

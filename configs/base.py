@@ -123,6 +123,7 @@ def moe_defaults() -> mlc.ConfigDict:
         n_group=1,                   # group-limited routing: expert groups
         topk_group=1,                # groups kept per token
         aux_loss_coef=0.0,           # alpha of alpha * E * sum_i f_i P_i
+        aux_loss_granularity="batch",  # batch | sequence (DeepSeek-V3's sequence-wise loss)
         z_loss_coef=0.0,             # router z-loss coefficient
         bias_update_rate=0.0,        # aux-loss-free balancing rate u (0 = off)
         capacity_factor=None,        # None: dropless; float: token dropping at capacity
@@ -175,6 +176,7 @@ def get_base_config() -> mlc.ConfigDict:
         keep_checkpoints=3,
         sample_tokens=64,
         sample_prompt="def ",
+        sample_temperature=0.8,      # 0: greedy; else softmax(logits / temperature)
     ))
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1))
     return c

@@ -305,7 +305,7 @@ def param_table(specs: Mapping[Path, ParamSpec]) -> str:
         axes = "" if s.axes is None else ",".join(str(a) for a in s.axes)
         rows.append((s.name, "x".join(map(str, s.shape)) or "()", axes, s.group, mats, s.reason))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     counts = group_counts(specs)
     lines.append("  ".join(f"{g}: {counts[g]:,}" for g in GROUPS))

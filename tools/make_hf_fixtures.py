@@ -18,7 +18,6 @@ Needs torch and transformers (not needed by the tests):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

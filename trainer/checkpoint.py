@@ -25,6 +25,7 @@ slice directly.
     >>> ckpt.save(100, state, loader.get_state())
     >>> found = ckpt.restore_latest(abstract_state)   # None, or (step, state, loader_state)
     >>> ckpt.close()                                  # waits for pending saves
+    >>> model, step = restore_model(cfg, workdir)     # a trained model, e.g. to sample from
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import warnings
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 COMMIT_FILE = "commit_success.txt"       # orbax's commit marker (atomicity.COMMIT_SUCCESS_FILE)
 STEP_METADATA = "_CHECKPOINT_METADATA"   # orbax's per-step metadata, with commit time
@@ -48,6 +50,12 @@ def abstract_like(tree, shardings=None):
     if shardings is None:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def train_state(model, optimizer, rng) -> dict:
+    """The pytree a training checkpoint holds (the one layout train.py saves and restores)."""
+    return {"model": nnx.state(model), "optimizer": nnx.state(optimizer),
+            "rng": jax.random.key_data(rng)}
 
 
 def is_committed(step_dir: str) -> bool:
@@ -136,3 +144,26 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_model(cfg, workdir: str):
+    """(model, step): the model of the newest good checkpoint of a train.py workdir.
+
+    Builds model and optimizer from `cfg` (the config the run used) so that the
+    checkpoint's tree matches, restores both, and returns the model.
+    """
+    import arch
+    import optim
+    model = arch.build_model(cfg.model, nnx.Rngs(params=cfg.seed))
+    tx = optim.build_optimizer(cfg.optim, nnx.state(model, nnx.Param), total_steps=cfg.train.steps)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+    try:
+        found = ckpt.restore_latest(abstract_like(train_state(model, optimizer, jax.random.key(0))))
+    finally:
+        ckpt.close()
+    if found is None:
+        raise ValueError(f"{workdir=} holds no usable checkpoint under checkpoints/")
+    step, state, _ = found
+    nnx.update(model, state["model"])
+    return model, step

@@ -41,6 +41,9 @@ def check_train_config(cfg) -> None:
         _int_field(cfg, name, 1)
     if not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
         raise ValueError(f"train.z_loss={t.z_loss!r} must be a number >= 0")
+    temp = t.get("sample_temperature", 0.0)
+    if not isinstance(temp, (int, float)) or temp < 0:
+        raise ValueError(f"train.sample_temperature={temp!r} must be a number >= 0 (0: greedy)")
     if t.sample_tokens and not t.sample_prompt:
         raise ValueError(f"train.sample_prompt={t.sample_prompt!r} must be non-empty text "
                          "when train.sample_tokens > 0 (or set sample_tokens=0)")

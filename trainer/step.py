@@ -157,7 +157,7 @@ def train_step(model, optimizer, batch: dict, *, opts: StepOptions) -> dict[str,
     if opts.router_bias_update and "expert_load" in stats:
         update_router_biases(model, {"expert_load": stats["expert_load"]})
 
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": n_tokens,
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": n_tokens,
                **{k: stats[k] for k in ("ce", "z_loss", "moe_aux_loss", "moe_z_loss")}}
     if "max_logits" in stats:
         metrics["max_logit"] = jnp.max(stats["max_logits"])

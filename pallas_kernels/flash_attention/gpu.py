@@ -54,7 +54,7 @@ class BlockSizes:
     """
 
     block_q: int = 128
-    block_k: int = 64
+    block_k: int = 128
     block_q_dkv: int = 64
     block_kv_dkv: int = 128
     block_q_dq: int = 128
@@ -62,7 +62,7 @@ class BlockSizes:
     num_warps: int = 8
     num_stages: int = 3
     num_warps_bwd: int = 8
-    num_stages_bwd: int = 2
+    num_stages_bwd: int = 3
 
     def __post_init__(self):
         for name in _BLOCK_FIELDS:
@@ -85,7 +85,7 @@ class BlockSizes:
         if head_dim <= 64:
             return cls(block_q=128, block_k=128, num_warps=4, num_stages=3,
                        block_q_dkv=64, block_kv_dkv=128, block_q_dq=128, block_kv_dq=64,
-                       num_warps_bwd=8, num_stages_bwd=2)
+                       num_warps_bwd=8, num_stages_bwd=3)
         if head_dim <= 128:
             return cls()
         return cls(block_q=64, block_k=64, num_warps=8, num_stages=2,

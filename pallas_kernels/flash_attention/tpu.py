@@ -164,7 +164,7 @@ def _fwd_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,  # scalar prefetch (SME
         alpha = jnp.exp(m_prev - m_safe)  # rescales what was summed under the old max
         l_ref[...] = jnp.broadcast_to(alpha * l_prev + p.sum(axis=1, keepdims=True), l_ref.shape)
         m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
-        v = v_ref[...]
+        v = v_ref[...]  # the MXU takes p in v's dtype (bf16 in training) and accumulates in f32
         acc_ref[...] = alpha * acc_ref[...] + jnp.dot(
             p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
@@ -488,7 +488,7 @@ def _check_kernel_inputs(q, segment_ids, q_positions, kv_positions, logit_soft_c
         if x is not None and not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name}.dtype={x.dtype} must be an integer type (int32)")
     seg = reference.split_segment_ids(segment_ids, 0, 0)
-    for name, x in zip(("q segment_ids", "kv segment_ids"), seg):
+    for name, x in zip(("q segment_ids", "kv segment_ids"), seg, strict=True):
         if x is not None and not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name} dtype={x.dtype} must be an integer type")
     if logit_soft_cap is not None and not logit_soft_cap > 0:
@@ -550,6 +550,7 @@ def flash_attention_with_lse(q, k, v, *, causal: bool = False, sliding_window: i
 @functools.partial(jax.jit, static_argnums=(8, 9, 10, 11))
 def _flash_bthd(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sinks,
                 cfg, bwd_cfg, tq_pad, tk_pad):
+    """BTHD in and out; in between BHTD padded to whole blocks, through the custom_vjp."""
     b, tq, h, _ = q.shape
     tk = k.shape[1]
     if q_positions is None:

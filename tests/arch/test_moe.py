@@ -460,7 +460,22 @@ def test_bad_segment_ids_shape_raises():
         make_moe(0)(jnp.ones((2, 3, 16)), segment_ids=jnp.ones((2, 4), jnp.int32))
 
 
-@pytest.mark.parametrize("scan", [False, True])
+def test_update_router_biases_stacked_layers():
+    """A MoE stacked over L layers (nnx.vmap, as scan_layers builds it): bias [L, E]."""
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return MoE(make_cfg(bias_update_rate=0.25), rngs=r)
+
+    stacked = make(nnx.Rngs(0))
+    assert stacked.router_bias.shape == (3, 8)
+    loads = np.random.default_rng(5).integers(0, 9, (3, 8)).astype(np.float32)
+    update_router_biases(stacked, {"layers": {"expert_load": jnp.asarray(loads)}})
+    np.testing.assert_array_equal(np.asarray(stacked.router_bias[...]),
+                                  0.25 * np.sign(loads.mean(-1, keepdims=True) - loads))
+
+
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_update_router_biases_from_model_aux(scan):
     """Interface with arch/model.py: its aux (per-layer list, or stacked when scanned)."""
     from arch.model import build_model
@@ -468,6 +483,7 @@ def test_update_router_biases_from_model_aux(scan):
 
     cfg = get_config("tiny").model
     cfg.moe.bias_update_rate = 0.5
+    cfg.num_layers, cfg.d_model, cfg.mlp_dim, cfg.vocab_size = 3, 32, 32, 64  # small, quick
     if scan:
         cfg.moe.first_k_dense, cfg.scan_layers = 0, True
     model = build_model(cfg, 0)

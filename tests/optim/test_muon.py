@@ -19,11 +19,12 @@ from jax.sharding import PartitionSpec as P
 
 from arch.common import logical_param
 from configs.base import get_base_config
-from optim import build_optimizer, label_params, update_rms
+from optim import build_optimizer, update_rms
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+@jax.jit
 def ns5_reference(g, steps=5, eps=1e-8):
     """Newton-Schulz quintic iteration on one matrix, in g's dtype (Jordan et al. 2024)."""
     a, b, c = NS_COEFFS
@@ -52,7 +53,7 @@ PARAMS = {
 def make_params(key, dtype=jnp.float32):
     keys = jax.random.split(key, len(PARAMS))
     return nnx.State({n: logical_param(jax.random.normal(k, shape, dtype) * 0.1, axes)
-                      for k, (n, (axes, shape, _)) in zip(keys, PARAMS.items())})
+                      for k, (n, (axes, shape, _)) in zip(keys, PARAMS.items(), strict=True)})
 
 
 def as_matrices(x, kind):
@@ -73,7 +74,7 @@ def muon_reference(params, grads_seq, *, name, lr, beta, wd, clip, b1, b2, eps):
     for t, grads in enumerate(grads_seq, start=1):
         gnorm = jnp.sqrt(sum(jnp.sum(g * g) for g in grads.values()))
         scale = jnp.minimum(1.0, clip / gnorm) if clip else 1.0
-        for n, (axes, shape, kind) in PARAMS.items():
+        for n, (_, shape, kind) in PARAMS.items():
             g = grads[n] * scale
             if name == "adamw":
                 kind = "adam"
@@ -139,13 +140,14 @@ def test_nnx_optimizer_with_lazy_labels():
             for n, v in make_params(jax.random.key(0)).items():
                 setattr(self, n, v)
 
-    grads = nnx.State({n: jax.random.normal(jax.random.key(5), shape)
-                       for n, (_, shape, _) in PARAMS.items()})
     out = []
     for with_params in (True, False):
         model = Model()
         tx = build_optimizer(optim_cfg("moonlight"), nnx.state(model, nnx.Param) if with_params else None)
         opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        # Gradients as nnx.grad returns them: a State of Params.
+        grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(5), x.shape),
+                             nnx.state(model, nnx.Param))
         nnx.jit(lambda m, o, g: o.update(m, g))(model, opt, grads)
         out.append(nnx.as_pure(nnx.state(model, nnx.Param)))
     chex.assert_trees_all_close(out[0], out[1])
@@ -213,7 +215,7 @@ def test_moonlight_update_rms_is_point_two_lr():
     """
     shapes = [(64, 64), (128, 32), (32, 96), (4, 32, 48)]
     axes = [("embed", "mlp"), ("mlp", "embed"), ("embed", "mlp"), ("expert", "embed", "mlp")]
-    params = nnx.State({f"w{i}": logical_param(jnp.zeros(s), a) for i, (s, a) in enumerate(zip(shapes, axes))})
+    params = nnx.State({f"w{i}": logical_param(jnp.zeros(s), a) for i, (s, a) in enumerate(zip(shapes, axes, strict=True))})
     grads = {f"w{i}": jax.random.normal(jax.random.key(i), s) for i, s in enumerate(shapes)}
     lr = 0.003
     u = _first_update(params, grads, name="moonlight", lr=lr)

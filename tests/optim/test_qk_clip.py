@@ -4,6 +4,8 @@ The attention here is written in the test from the paper's definitions (projecti
 RoPE, MLA's decoupled rotary key) and scored with the independent
 `max_logits_reference`; heads at or below tau and MLA's shared k_R must be untouched.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,7 @@ def rope(x, pos, theta=10000.0):
     return jnp.concatenate([x1 * jnp.cos(ang) - x2 * jnp.sin(ang), x2 * jnp.cos(ang) + x1 * jnp.sin(ang)], -1)
 
 
+@jax.jit
 def mha_max_logits(p, x):
     pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]).astype(jnp.float32)
     q = jnp.einsum("btd,dhk->bthk", x, p["q"]["kernel"]) + p["q"].get("bias", 0.0)
@@ -35,6 +38,7 @@ def mha_max_logits(p, x):
     return max_logits_reference(rope(q, pos), rope(k, pos), causal=True)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def mla_max_logits(p, x, nope, kv_lora):
     pos = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]).astype(jnp.float32)
     q = jnp.einsum("btd,dhk->bthk", x, p["wq"]["kernel"])                 # [B, T, H, nope+rope]
