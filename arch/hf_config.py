@@ -308,7 +308,7 @@ def _deepseek_v3(hf, m) -> None:
     _moe_from(hf, m, num_experts=experts, top_k=int(hf["num_experts_per_tok"]),
               expert_mlp_dim=int(hf["moe_intermediate_size"]),
               num_shared_experts=int(hf.get("n_shared_experts") or 0),
-              shared_mlp_dim=int(hf["moe_intermediate_size"]),
+              shared_mlp_dim=None,  # shared experts have the routed width in HF
               score_func=hf.get("scoring_func", "sigmoid"),
               norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
               routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
@@ -392,8 +392,13 @@ def to_hf(m) -> dict:
     out = _to_hf(m)
     back = _flatten(from_hf(out, m.param_dtype).model.to_dict())
     ours = _flatten(m.to_dict() if hasattr(m, "to_dict") else dict(m))
+    unused = set()  # fields the model does not read in this configuration
+    if m.mla is not None:
+        unused |= {"head_dim", "num_kv_heads"}
+    if m.moe is not None and m.moe.first_k_dense == 0 and m.moe.every == 1:
+        unused |= {"mlp_dim", "moe.dense_mlp_dim"}
     for field in sorted(set(ours) | set(back)):
-        if field in _NOT_ARCHITECTURE or field.split(".")[0] in _NOT_ARCHITECTURE:
+        if field in unused or field in _NOT_ARCHITECTURE or field.split(".")[0] in _NOT_ARCHITECTURE:
             continue
         a, b = ours.get(field), back.get(field)
         if a != b and not (isinstance(a, (list, tuple)) and tuple(a) == tuple(b or ())):
@@ -404,7 +409,8 @@ def to_hf(m) -> dict:
 
 def _to_hf(m) -> dict:
     if m.family not in FAMILY_TO_TYPE:
-        _fail("model.family (for export)", m.family, tuple(FAMILY_TO_TYPE))
+        raise ValueError(f"model.family={m.family!r} has no Hugging Face export; "
+                         f"allowed: {tuple(FAMILY_TO_TYPE)}")
     model_type = FAMILY_TO_TYPE[m.family]
     out = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
            "torch_dtype": m.param_dtype, "vocab_size": m.vocab_size,

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/flash_attention.py              # full table (H100: ~3 min)
     PYTHONPATH=. python bench/flash_attention.py --quick      # S=8192 causal only
-    PYTHONPATH=. python bench/flash_attention.py --sweep      # block-size sweep, S=8192 causal
+    PYTHONPATH=. python bench/flash_attention.py --sweep --head-dim 256   # tune blocks
 
 Reports TFLOP/s of the forward and of forward+backward (bf16, BTHD), and the ratios of
 ours to each peer. FLOPs: 4·B·H·S²·D for the forward (two matmuls), half of it when
@@ -182,27 +182,36 @@ def table(rows):
     return "\n".join(lines)
 
 
-def sweep():
-    """Block sizes / warps / stages for S=8192 causal D=128, forward and forward+backward."""
-    case = Case(8192, True)
-    q, k, v, do = _inputs(case)
-    base = gpu.BlockSizes.get_default(case.head_dim)
-    variants = {
+def _variants(head_dim: int):
+    base = gpu.BlockSizes.get_default(head_dim)
+    rep = functools.partial(dataclasses.replace, base)
+    if head_dim > 128:
+        return {
+            "default": base,
+            "fwd 128x64 s2, bwd 64x64 s2": rep(block_q=128, block_k=64, block_q_dkv=64,
+                                               block_kv_dq=64, num_stages_bwd=2),
+            "fwd 64x64 w4, bwd 64x64 w4 s2": rep(num_warps=4, block_q_dkv=64, block_kv_dq=64,
+                                                 num_warps_bwd=4, num_stages_bwd=2),
+            "fwd 128x32 s2, bwd 16x64 dq 64x16": rep(block_q=128, block_k=32, block_q_dkv=16,
+                                                    block_kv_dq=16, num_stages_bwd=2),
+            "fwd 64x32 s3, bwd s2": rep(block_k=32, num_stages=3, num_stages_bwd=2),
+        }
+    return {
         "default": base,
-        "fwd 128x128 w8 s2": dataclasses.replace(base, block_k=128, num_stages=2),
-        "fwd 128x64 w4 s3": dataclasses.replace(base, num_warps=4),
-        "fwd 64x64 w4 s3": dataclasses.replace(base, block_q=64, num_warps=4),
-        "fwd 128x128 w8 s3": dataclasses.replace(base, block_k=128),
-        "bwd dkv 128x64 dq 64x128": dataclasses.replace(base, block_q_dkv=64, block_kv_dkv=64,
-                                                        block_q_dq=64, block_kv_dq=64),
-        "bwd w4 s2": dataclasses.replace(base, num_warps_bwd=4),
-        "bwd s3": dataclasses.replace(base, num_stages_bwd=3),
-        "bwd dkv 32x128 dq 128x32": dataclasses.replace(base, block_q_dkv=32, block_kv_dq=32),
-        "bwd dkv 128x128 dq 128x128": dataclasses.replace(base, block_q_dkv=128, block_kv_dq=128),
+        "fwd 128x64 w8 s3": rep(block_k=64),
+        "fwd 128x128 w4 s3": rep(num_warps=4),
+        "bwd dkv 32x128 dq 128x32": rep(block_q_dkv=32, block_kv_dq=32),
+        "bwd w8 s2": rep(num_stages_bwd=2),
     }
-    for name, bs in variants.items():
+
+
+def sweep(head_dim: int):
+    """Block sizes / warps / stages at S=8192 causal, forward and forward+backward."""
+    case = Case(8192, True, head_dim=head_dim)
+    q, k, v, do = _inputs(case)
+    for name, bs in _variants(head_dim).items():
         t_f, t_fb = measure(case, _ours(case, bs), q, k, v, do)
-        print(f"{name:32s} fwd {_fmt(_tflops(case, t_f))} TF/s  fwd+bwd "
+        print(f"D={head_dim} {name:34s} fwd {_fmt(_tflops(case, t_f))} TF/s  fwd+bwd "
               f"{_fmt(_tflops(case, t_fb, 3.5))} TF/s  {bs}", flush=True)
 
 
@@ -210,11 +219,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--head-dim", type=int, default=128, help="for --sweep")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__}, device: {jax.devices()[0].device_kind}", flush=True)
     if args.sweep:
-        sweep()
+        sweep(args.head_dim)
         return
     if args.quick:
         cases = [Case(8192, True)]

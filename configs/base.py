@@ -162,7 +162,9 @@ def get_base_config() -> mlc.ConfigDict:
         grad_clip=1.0,
         muon_momentum=0.95,
         muon_nesterov=True,
-        qk_clip_tau=None,            # MuonClip threshold (Kimi K2: 100); None = off
+        # MuonClip threshold (Kimi K2: 100); None = off. A typed None, so that
+        # --config.optim.qk_clip_tau=100 works on the command line.
+        qk_clip_tau=mlc.config_dict.placeholder(float),
     ))
     # Training.
     c.train = mlc.ConfigDict(dict(

@@ -275,10 +275,16 @@ def _check_mesh(mesh, axis_name, batch_axes, head_axis, q, k):
 
 
 def _place(x, mesh, spec):
-    """Eager arrays must already carry shard_map's in_specs sharding (jax >= 0.10)."""
-    if x is None or isinstance(x, jax.core.Tracer) or not isinstance(mesh, jax.sharding.Mesh):
+    """shard_map (jax >= 0.10) wants arguments that already carry its in_specs sharding."""
+    if x is None:
         return x
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    explicit = any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+    sharding = NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec
+    if explicit:  # typed shardings: reshard, traced or not
+        return jax.sharding.reshard(x, sharding)
+    if isinstance(x, jax.core.Tracer) or not isinstance(mesh, jax.sharding.Mesh):
+        return x  # Auto axes inside jit: the compiler reshards as needed
+    return jax.device_put(x, sharding)
 
 
 def _in_auto_mode(fn, mesh, spec):
@@ -405,6 +411,9 @@ def ring_attention(
     b, t = q.shape[:2]
     check_layout(layout, t, n, stripe)
     batch_axes = _default_batch_axes(mesh, axis_name) if batch_axes is None else tuple(batch_axes)
+    if head_axis == "auto":
+        head_axis = _default_head_axis(mesh, axis_name, q.shape[2], k.shape[2])
+    _check_mesh(mesh, axis_name, batch_axes, head_axis, q, k)
     seq_spec = P(batch_axes or None, axis_name)
     perm = _in_auto_mode(functools.partial(to_layout, n=n, layout=layout, axis=1, stripe=stripe),
                          mesh, seq_spec)
