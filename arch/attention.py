@@ -105,8 +105,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x, *, positions, segment_ids=None, cache=None, kv_input=None, kv_segment_ids=None):
         cfg = self.cfg
-        if cache is not None:
-            raise ValueError("Attention got a cache; KV caches are handled by serving/ (not built yet)")
+        if cache is not None and self.cross:
+            raise ValueError("cache must be None for cross-attention (only self-attention is cached)")
         kv_x = x if kv_input is None else kv_input
         q = self._norm_heads(self.q_norm, self.q(x))      # [B, T, H, Dh]
         k = self._norm_heads(self.k_norm, self.k(kv_x))   # [B, S, Hkv, Dh]
@@ -121,11 +121,19 @@ class Attention(nnx.Module):
         causal = cfg.causal and not self.cross
         window = cfg.sliding_window if self.kind == "local" else None
         sm_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        sinks = None if self.sinks is None else self.sinks[...]
+        aux = {}
+        if cache is not None:  # decoding: the cache (serving/cache.py) stores k, v and attends
+            o, aux["cache"] = cache.attend(
+                q, k, v, positions=positions, segment_ids=segment_ids, causal=causal,
+                sliding_window=window, chunk_size=cfg.chunk_size if self.kind == "chunked" else None,
+                logit_soft_cap=cfg.logit_soft_cap, sm_scale=sm_scale, sinks=sinks,
+                impl=cfg.attention_impl)
+            return self.o(o), aux
         o = pallas_kernels.attention(
             q, k, v, causal=causal, sliding_window=window, segment_ids=seg,
             logit_soft_cap=cfg.logit_soft_cap, sm_scale=sm_scale,
-            sinks=None if self.sinks is None else self.sinks[...], impl=cfg.attention_impl)
-        aux = {}
+            sinks=sinks, impl=cfg.attention_impl)
         if cfg.track_max_logits:
             aux["max_logits"] = max_logits_reference(
                 q, k, causal=causal, sliding_window=window, segment_ids=seg, sm_scale=sm_scale)

@@ -332,16 +332,16 @@ class MLAttention(nnx.Module):
         Args:
           positions: [B, T] token positions (RoPE).
           segment_ids: [B, T] packed-document ids (0 = padding) or None.
-          cache: must be None (the latent cache arrives with serving/).
-          absorb: override `cfg.mla.absorb` for this call.
+          cache: None, or this layer's latent cache (serving/cache.py): the new c_kv
+            and k_pe are written to it and attention runs over all cached tokens;
+            the updated cache is returned in aux["cache"].
+          absorb: override `cfg.mla.absorb` for this call. Default with a cache:
+            absorbed for decode (one token per row), as DeepSeek-V2 serves it.
 
         Masks (causal, sliding window) use token order and `segment_ids`, as the dense
-        attention layer does; `positions` only drive RoPE.
+        attention layer does; `positions` only drive RoPE (with a cache, masks compare
+        the positions of queries and cached keys).
         """
-        if cache is not None:
-            raise ValueError(
-                "cache must be None: MLAttention has no KV cache yet (serving/ adds the latent cache)"
-            )
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [batch, seq, d_model={self.d_model}], got {x.shape=}")
         if positions.shape != x.shape[:2]:
@@ -352,11 +352,18 @@ class MLAttention(nnx.Module):
             raise ValueError(
                 f"segment_ids must be [batch, seq]={x.shape[:2]}, got {segment_ids.shape=}"
             )
-        absorb = self.absorb if absorb is None else absorb
+        if absorb is None:
+            absorb = self.absorb or (cache is not None and x.shape[1] == 1)
 
         q_nope, q_pe = self.query(x, positions)
         c_kv, k_pe = self.latent_kv(x, positions)
         w_uk, w_uv = self.up_weights()
+        aux, mask_kw = {}, dict(segment_ids=segment_ids)
+        if cache is not None:  # the cache stores c_kv as its k [B,S,1,C] and k_pe as its v [B,S,1,rope]
+            aux["cache"], view = cache.update(c_kv[:, :, None], k_pe[:, :, None],
+                                              positions=positions, segment_ids=segment_ids)
+            c_kv, k_pe = view.k[:, :, 0], view.v[:, :, 0]
+            mask_kw = view.mask_kwargs()
         o, max_logits = mla_attention(
             q_nope,
             q_pe,
@@ -368,11 +375,12 @@ class MLAttention(nnx.Module):
             sm_scale=self.sm_scale,
             causal=self.causal,
             sliding_window=self.sliding_window,
-            segment_ids=segment_ids,
             logit_soft_cap=self.logit_soft_cap,
             impl=self.impl,
-            return_max_logits=self.track_max_logits,
+            return_max_logits=self.track_max_logits and cache is None,
+            **mask_kw,
         )
         y = self.wo(o)  # [B, T, D]
-        aux = {} if max_logits is None else {"max_logits": max_logits}
+        if max_logits is not None:
+            aux["max_logits"] = max_logits
         return y, aux

@@ -9,6 +9,11 @@ segments). `aux` holds what training needs besides logits:
   moe_aux_loss, moe_z_loss  summed over layers (0 without MoE)
   max_logits                [layers, heads] per-head max attention logit (cfg.track_max_logits)
   layers                    per-layer aux: a list of dicts (a dict of stacked arrays when scanned)
+  cache                     the updated KV cache, when a `cache` was given
+
+Decoding: `cache` is a tuple of per-layer caches (serving/cache.py `init_cache`); the
+new tokens' keys/values are written to it and attention runs over everything cached.
+Positions then default to each row's cache length + arange (list layers only).
 
 Layers run as a Python list by default, or with `nnx.scan` over identical layers
 (`scan_layers=True`: compiles one layer, parameters stacked on a leading "layers" axis).
@@ -83,9 +88,18 @@ class LayerStack(nnx.Module):
             self.layers = nnx.List([Block(cfg, rngs=rngs, layer_idx=i, cross_attention=cross_attention)
                                     for i in range(num_layers)])
 
-    def __call__(self, x, **kw):
-        def run(block, h):
-            return block(h, **kw)
+    def __call__(self, x, cache=None, **kw):
+        """`cache`: None or one per-layer cache per block (serving/cache.py); each block's
+        updated cache comes back in its aux as "cache"."""
+        if cache is not None:
+            if self.scan:
+                raise ValueError("a KV cache needs model.scan_layers=False: scanned layers "
+                                 "would need a stacked cache")
+            if len(cache) != len(self.layers):
+                raise ValueError(f"cache holds {len(cache)} layers; the model has {len(self.layers)}")
+
+        def run(block, h, layer_cache=None):
+            return block(h, cache=layer_cache, **kw)
 
         if self.remat != "none":
             run = nnx.remat(run, policy=_REMAT_POLICIES[self.remat])
@@ -98,8 +112,8 @@ class LayerStack(nnx.Module):
 
             return step(self.layers, x)
         auxes = []
-        for block in self.layers:
-            x, aux = run(block, x)
+        for i, block in enumerate(self.layers):
+            x, aux = run(block, x, None if cache is None else cache[i])
             auxes.append(aux)
         return x, auxes
 
@@ -180,10 +194,16 @@ class Transformer(nnx.Module):
         return logits
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache=None):
+        if cache is not None and positions is None:  # continue each row where its cache ends
+            positions = cache[0].lengths[:, None] + jnp.arange(tokens.shape[-1], dtype=jnp.int32)
         positions = _check_inputs(self.cfg, tokens, positions, segment_ids)
         x = self.embed_tokens(tokens, positions)
         x, layer_aux = self.stack(x, positions=positions, segment_ids=segment_ids, cache=cache)
-        return self.head(x), summarize_aux(layer_aux, self.cfg.scan_layers)
+        new_cache = None if cache is None else tuple(a.pop("cache") for a in layer_aux)
+        aux = summarize_aux(layer_aux, self.cfg.scan_layers)
+        if new_cache is not None:
+            aux["cache"] = new_cache
+        return self.head(x), aux
 
 
 class EncoderDecoder(nnx.Module):
@@ -215,7 +235,11 @@ class EncoderDecoder(nnx.Module):
         x, layer_aux = self.decoder.stack(
             x, positions=positions, segment_ids=segment_ids, cache=cache,
             encoder_out=enc, encoder_segment_ids=encoder_segment_ids)
-        return self.decoder.head(x), summarize_aux(layer_aux, self.cfg.scan_layers)
+        new_cache = None if cache is None else tuple(a.pop("cache") for a in layer_aux)
+        aux = summarize_aux(layer_aux, self.cfg.scan_layers)
+        if new_cache is not None:
+            aux["cache"] = new_cache
+        return self.decoder.head(x), aux
 
 
 def freeze(cfg) -> mlc.FrozenConfigDict:

@@ -88,9 +88,9 @@ class BlockSizes:
                        num_warps_bwd=8, num_stages_bwd=3)
         if head_dim <= 128:
             return cls()
-        return cls(block_q=64, block_k=64, num_warps=8, num_stages=2,
-                   block_q_dkv=32, block_kv_dkv=64, block_q_dq=64, block_kv_dq=32,
-                   num_warps_bwd=8, num_stages_bwd=1)
+        return cls(block_q=128, block_k=64, num_warps=8, num_stages=2,
+                   block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64,
+                   num_warps_bwd=8, num_stages_bwd=2)
 
     def fit(self, q_len: int, kv_len: int) -> "BlockSizes":
         """Shrink blocks longer than the (power-of-two rounded) sequence."""
@@ -275,7 +275,7 @@ _DQ_INPUTS = ("spans", "q_pos", "kv_pos", "q_seg", "kv_seg", "q", "k", "v", "do"
 def _dq_kernel(*refs, cfg: _Config):
     """dq = scale * sum_j ds_j k_j with ds = p * (dp - delta), p = exp2(s - lse)."""
     r = _unpack(refs, cfg, _DQ_INPUTS)
-    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
+    bk = cfg.blocks.block_kv_dq
     q = r["q"][...]  # [bq, D]
     do = r["do"][...]  # [bq, Dv]
     lse = r["lse"][...][:, None]  # [bq, 1], base 2; +inf on empty rows makes p = 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+
 def _block_min_max(x, block: int):
     """Min and max over consecutive blocks of the last axis: [B, T] -> 2 x [B, T // block]."""
     b, t = x.shape

@@ -51,11 +51,21 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels._compat import shard_map
 from pallas_kernels.flash_attention.api import _validate as validate_attention_inputs
-from pallas_kernels.ring_attention.block import (RING_IMPLS, BlockConfig, block_attention,
-                                                 block_attention_vjp, block_is_live, empty_block,
-                                                 maybe_skip)
-from pallas_kernels.ring_attention.layout import (check_layout, from_layout, layout_positions,
-                                                  to_layout)
+from pallas_kernels.ring_attention.block import (
+    RING_IMPLS,
+    BlockConfig,
+    block_attention,
+    block_attention_vjp,
+    block_is_live,
+    empty_block,
+    maybe_skip,
+)
+from pallas_kernels.ring_attention.layout import (
+    check_layout,
+    from_layout,
+    layout_positions,
+    to_layout,
+)
 
 F32 = jnp.float32
 

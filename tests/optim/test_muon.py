@@ -168,7 +168,7 @@ def test_reference_is_sensitive():
 
 def _first_update(params, grads, name="muon", lr=1.0):
     tx = build_optimizer(optim_cfg(name, lr=lr, weight_decay=0.0), params)
-    u, _ = tx.update(nnx.State(grads), tx.init(params), nnx.as_pure(params))
+    u, _ = jax.jit(tx.update)(nnx.State(grads), tx.init(params), nnx.as_pure(params))
     return u
 
 
@@ -247,7 +247,7 @@ def test_per_head_orthogonalises_each_head():
     params = nnx.State({"q": logical_param(jnp.zeros((d, h, k)), ("embed", "heads", "head_dim"))})
     g = jax.random.normal(jax.random.key(0), (d, h, k))
     tx = build_optimizer(optim_cfg("moonlight", weight_decay=0.0, muon_per_head=True, lr=1.0), params)
-    u, _ = tx.update(nnx.State({"q": g}), tx.init(params), nnx.as_pure(params))
+    u, _ = jax.jit(tx.update)(nnx.State({"q": g}), tx.init(params), nnx.as_pure(params))
     for i in range(h):
         want = -0.2 * math.sqrt(max(d, k)) * ns5_reference(g[:, i, :])
         chex.assert_trees_all_close(u["q"][:, i, :], want, atol=1e-5)

@@ -139,7 +139,7 @@ FAST_CASES = [
     # Causal sliding window with soft-cap; tiles of 8 x 16 (forward), 16 x 8 (backward).
     Case(causal=True, window=9, soft_cap=2.0, heads=2, kv_heads=2, block_q=8, block_kv=16),
     # Packed documents (q/kv id pair, one query fully masked), bidirectional window, GQA 8.
-    Case(segments="pair", window=13, heads=8, kv_heads=1, batch=2),
+    Case(segments="pair", window=13, heads=8, kv_heads=1, batch=2, q_len=24, kv_len=24),
     # Ring-attention positions (strided, first row empty), attention sinks.
     Case(causal=True, positions="striped", sinks=True, kv_len=32),
     # bf16, causal, shared segment ids, GQA 4.
@@ -235,6 +235,39 @@ def test_tile_skipping_never_drops_a_kept_pair(causal, window, segments, positio
     index = np.arange(live.shape[2])
     inside = (index >= ranges[..., :1]) & (index <= ranges[..., 1:])
     assert not np.any(live & ~inside)
+
+
+@pytest.mark.parametrize("features", ["causal", "segments-softcap-sinks", "positions-window",
+                                      "mla-dims"])
+def test_lowers_to_mosaic_for_tpu(features):
+    """Interpret mode accepts things Mosaic rejects; lower (no TPU needed) with real tiles.
+
+    Traces forward and backward for a TPU target: all three kernels must become Mosaic
+    custom calls. (The last compilation step, in libtpu, is not run here.)
+    """
+    b, t, h, hkv = 1, 256, 4, 2
+    d_qk, d_v = (192, 128) if features == "mla-dims" else (128, 128)
+    q = jax.ShapeDtypeStruct((b, t, h, d_qk), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((b, t, hkv, d_qk), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((b, t, hkv, d_v), jnp.bfloat16)
+    ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    sinks = jax.ShapeDtypeStruct((h,), jnp.float32)
+
+    def loss(q, k, v, ints, sinks):
+        kw = dict(causal=True)
+        if features == "segments-softcap-sinks":
+            kw.update(segment_ids=ints, logit_soft_cap=30.0, sinks=sinks)
+        if features == "positions-window":
+            kw.update(q_positions=ints, kv_positions=ints, sliding_window=64, causal=False)
+        o, lse = tpu.flash_attention_with_lse(q, k, v, interpret=False, **kw)
+        return o.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
+
+    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    with jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(
+            q, k, v, ints, sinks).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 3  # forward, dq, dk/dv
 
 
 def test_bad_input_raises_value_error():

@@ -1,0 +1,401 @@
+"""A batched generation engine: prefill + decode with continuous batching.
+
+Orca (Yu et al., OSDI 2022) schedules at the granularity of iterations: requests join
+the running batch as soon as a slot frees and leave it the step they finish, instead
+of waiting for the whole batch. Here the batch has `max_slots` fixed rows (one jit
+shape for decode); each row holds one request and its own length in the KV cache
+(serving/cache.py). One `step()`:
+
+  1. admit waiting requests into free slots and prefill them together: one model call
+     of [max_slots, T] tokens (T a power-of-two bucket), the other rows padded with
+     segment id 0 so their caches stay untouched; each new request samples its
+     first token from the logits of its last prompt token;
+  2. decode: one model call of [max_slots, 1], feeding every running request its
+     last sampled token; finished requests (stop token, max_new_tokens) leave.
+
+With `cache_kind="paged"` the KV cache lives in a page pool (serving/paged.py) and,
+with `radix=True`, a radix tree of token prefixes (serving/radix.py, SGLang's
+RadixAttention) keeps the pages of prompts and finished requests: a new request
+whose prompt starts with a cached prefix takes those pages and prefills only the
+rest. When the pool runs out: least recently used cached prefixes are evicted; if
+that is not enough, a request waits for pages (at admission) or the most recently
+admitted running request is preempted (during decode): its pages are given back
+(its tokens kept in the radix tree, if on) and it is recomputed later from its
+prompt plus the tokens it had generated. Sampling keys depend only on the request's
+seed and token index, so preemption never changes a token.
+
+    from serving.engine import Engine
+    engine = Engine(model, max_slots=8, max_len=256)
+    outs = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)          # greedy
+    outs = engine.generate([[1, 2, 3]], temperature=0.8, top_p=0.9, seed=1)
+
+    engine = Engine(model, max_slots=8, max_len=256, cache_kind="paged", radix=True)
+    rid = engine.submit([1, 2, 3], max_new_tokens=8)     # continuous batching by hand:
+    engine.step(); engine.submit([7, 8], max_new_tokens=4); engine.run()
+    engine.result(rid)
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from serving.cache import init_cache, reset_rows, set_page_tables
+from serving.paged import BlockTables, PagePool, PoolExhausted, copy_pages
+from serving.radix import RadixCache
+from serving.sampling import SamplingParams, sample_tokens, request_keys
+
+CACHE_KINDS = ("dense", "rolling", "paged")
+
+
+@dataclasses.dataclass
+class _Request:
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    output: list[int] = dataclasses.field(default_factory=list)
+    done: bool = False
+    radix_node: object = None  # locked radix path (paged + radix)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and generated tokens: what (re)admission prefills."""
+        return self.prompt + self.output
+
+    @property
+    def written(self) -> int:
+        """Tokens whose keys/values are in the cache while it runs: all but the last sampled."""
+        return len(self.prompt) + len(self.output) - 1
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_calls: int = 0
+    prefill_tokens: int = 0          # tokens run through prefill (radix hits excluded)
+    cached_prompt_tokens: int = 0    # prompt tokens served from the radix cache
+    decode_tokens: int = 0
+    preemptions: int = 0
+
+
+def _forward(graphdef, state, cache, reset, tokens, positions, segment_ids, last, seeds, steps,
+             temperature, top_k, top_p):
+    """One model call on every slot, then sample each row at its `last` index."""
+    model = nnx.merge(graphdef, state)
+    cache = reset_rows(cache, reset)
+    logits, aux = model(tokens, positions, segment_ids, cache=cache)        # [B, T, V]
+    logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
+    tok = sample_tokens(logits, request_keys(seeds, steps), temperature, top_k, top_p)
+    return tok, aux["cache"]
+
+
+class Engine:
+    """Continuous-batching generation over a causal decoder (see the module docstring).
+
+    Args:
+      model: a decoder (arch.build_model) with list layers (scan_layers=False).
+      max_slots: rows of the running batch.
+      max_len: longest request (prompt + new tokens); default model.max_seq_len.
+      cache_kind: "dense", "rolling" (sliding-window / chunked layers bounded by their
+        window) or "paged".
+      page_size, num_pages: the page pool (paged only); num_pages defaults to enough
+        for every slot at max_len.
+      radix: reuse cached prefixes through a radix tree (paged only).
+      min_bucket: shortest prefill length; prefill lengths are powers of two from it.
+    """
+
+    def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None,
+                 cache_kind: str = "dense", page_size: int = 16, num_pages: int | None = None,
+                 radix: bool = False, min_bucket: int = 16):
+        cfg = model.cfg
+        if cache_kind not in CACHE_KINDS:
+            raise ValueError(f"{cache_kind=} must be one of {CACHE_KINDS}")
+        if radix and cache_kind != "paged":
+            raise ValueError(f"radix=True needs cache_kind='paged', got {cache_kind=}")
+        if not isinstance(max_slots, int) or max_slots < 1:
+            raise ValueError(f"{max_slots=} must be a positive int")
+        if not isinstance(min_bucket, int) or min_bucket < 1:
+            raise ValueError(f"{min_bucket=} must be a positive int")
+        self.cfg = cfg
+        self.max_len = cfg.max_seq_len if max_len is None else max_len
+        self.max_slots, self.kind, self.min_bucket = max_slots, cache_kind, min_bucket
+        self.cache = init_cache(cfg, max_slots, self.max_len, cache_kind,
+                                page_size=page_size, num_pages=num_pages)
+        self.graphdef, self.state = nnx.split(model)
+        donate = () if jax.default_backend() == "cpu" else ("cache",)
+        self._forward = jax.jit(functools.partial(_forward, self.graphdef), donate_argnames=donate)
+        self.tables = self.radix = None
+        if cache_kind == "paged":
+            pool = PagePool(self.cache[0].k_pages.shape[1], page_size)
+            self.tables = BlockTables(pool)
+            self.radix = RadixCache(pool) if radix else None
+        self.slots: list[_Request | None] = [None] * max_slots
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.requests: dict[int, _Request] = {}
+        self.stats = EngineStats()
+        self._next_rid = 0
+
+    # -- requests -------------------------------------------------------------------
+
+    def submit(self, prompt, **params) -> int:
+        """Queue a request; returns its id. `params`: SamplingParams fields."""
+        sp = SamplingParams.from_kwargs(**params)
+        prompt = [int(t) for t in np.asarray(prompt).reshape(-1)]
+        self._check_request(prompt, sp)
+        rid = self._next_rid
+        self._next_rid += 1
+        req = _Request(rid, prompt, sp)
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def _check_request(self, prompt, sp: SamplingParams) -> None:
+        vocab = self.cfg.vocab_size
+        if not prompt:
+            raise ValueError("prompt must hold at least one token")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must lie in [0, model.vocab_size={vocab})")
+        if len(prompt) > self.cfg.max_seq_len:
+            raise ValueError(f"prompt length {len(prompt)} exceeds model.max_seq_len="
+                             f"{self.cfg.max_seq_len}")
+        total = len(prompt) + sp.max_new_tokens
+        if total > self.max_len:
+            raise ValueError(f"prompt length {len(prompt)} + max_new_tokens={sp.max_new_tokens} "
+                             f"= {total} exceeds the engine's max_len={self.max_len}")
+        if any(t >= vocab for t in sp.stop_tokens):
+            raise ValueError(f"stop_tokens={sp.stop_tokens} must lie in [0, {vocab})")
+        if self.tables is not None:
+            need = -(-total // self.tables.page_size)
+            if need > self.tables.pool.num_pages:
+                raise ValueError(f"a request of {total} tokens needs {need} pages; the pool has "
+                                 f"num_pages={self.tables.pool.num_pages}")
+
+    def result(self, rid: int) -> list[int]:
+        """Generated tokens of a request so far (all of them once it is done)."""
+        return list(self.requests[rid].output)
+
+    def done(self, rid: int) -> bool:
+        return self.requests[rid].done
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and all(r is None for r in self.slots)
+
+    def run(self) -> dict[int, list[int]]:
+        """Step until every request is done; returns {rid: generated tokens}."""
+        while not self.idle:
+            self.step()
+        return {rid: list(r.output) for rid, r in self.requests.items()}
+
+    def generate(self, prompts, **params) -> list[list[int]]:
+        """Generate for each prompt with the same `params`; outputs in prompt order."""
+        rids = [self.submit(p, **params) for p in prompts]
+        self.run()
+        return [self.result(r) for r in rids]
+
+    # -- one iteration --------------------------------------------------------------
+
+    def step(self) -> list[int]:
+        """Admit + prefill, then one decode step. Returns the ids that finished."""
+        self.stats.steps += 1
+        finished = []
+        admitted = self._admit()
+        if admitted:
+            finished += self._prefill(admitted)
+        running = [i for i, r in enumerate(self.slots) if r is not None]
+        if running:
+            finished += self._decode()
+        elif self.waiting and not admitted:  # cannot happen: a lone request always fits
+            raise RuntimeError("engine stalled: requests wait but none can be admitted")
+        return finished
+
+    def _admit(self) -> list[tuple[int, int]]:
+        """Move waiting requests into free slots; returns (slot, cached prefix length)."""
+        admitted = []
+        free = [i for i, r in enumerate(self.slots) if r is None]
+        while free and self.waiting:
+            req = self.waiting[0]
+            start = 0
+            if self.tables is not None:
+                start = self._allocate(req)
+                if start is None:  # not enough pages: wait for running requests to finish
+                    break
+            self.waiting.popleft()
+            slot = free.pop(0)
+            self.slots[slot] = req
+            admitted.append((slot, start))
+        return admitted
+
+    def _allocate(self, req: _Request) -> int | None:
+        """Pages for a request's tokens, reusing a radix-cached prefix; None if none free."""
+        tokens = req.tokens
+        pages, start, node = [], 0, None
+        if self.radix is not None:
+            # Leave at least one token to prefill: its logits give the next token.
+            m = self.radix.match_prefix(tokens[:-1], record_stats=False)
+            pages, start, node = m.pages, m.length, m.node
+            self.radix.lock(node)
+        while True:
+            try:
+                plan = self.tables.allocate(req.rid, len(tokens), prefix_pages=pages, prefix_len=start)
+                break
+            except PoolExhausted as e:
+                if self.radix is None or not self.radix.evict(e.needed - e.available):
+                    if node is not None:
+                        self.radix.unlock(node)
+                    return None
+        self._copy_pages(plan.copies)
+        req.radix_node = node
+        return start
+
+    def _prefill(self, admitted) -> list[int]:
+        b = self.max_slots
+        lengths = [len(self.slots[s].tokens) - start for s, start in admitted]
+        t = self._bucket(max(lengths))
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.zeros((b, t), np.int32)
+        segs = np.zeros((b, t), np.int32)
+        last = np.zeros((b,), np.int32)
+        reset = np.zeros((b,), bool)
+        for (slot, start), n in zip(admitted, lengths):
+            tokens[slot, :n] = self.slots[slot].tokens[start:]
+            positions[slot, :n] = np.arange(start, start + n)
+            segs[slot, :n] = 1
+            last[slot] = n - 1
+            reset[slot] = self.tables is None  # paged rows get their lengths from the host
+            self.stats.cached_prompt_tokens += start
+            self.stats.prefill_tokens += n
+        self.stats.prefill_calls += 1
+        starts = {slot: start for slot, start in admitted}
+        tok = self._call(tokens, positions, segs, last, reset, starts)
+        finished = []
+        for slot, _ in admitted:
+            req = self.slots[slot]
+            if self._append(slot, int(tok[slot])):
+                finished.append(req.rid)
+            elif self.radix is not None:  # the prompt's pages serve later requests at once
+                self._cache_prefix(req)
+        return finished
+
+    def _decode(self) -> list[int]:
+        b = self.max_slots
+        if self.tables is not None:
+            self._reserve_decode_pages()
+        rows = [i for i, r in enumerate(self.slots) if r is not None]
+        tokens = np.zeros((b, 1), np.int32)
+        positions = np.zeros((b, 1), np.int32)
+        segs = np.zeros((b, 1), np.int32)
+        for i in rows:
+            req = self.slots[i]
+            tokens[i, 0] = req.output[-1]
+            positions[i, 0] = len(req.prompt) + len(req.output) - 1
+            segs[i, 0] = 1
+        starts = {i: int(positions[i, 0]) for i in rows}
+        tok = self._call(tokens, positions, segs, np.zeros((b,), np.int32), np.zeros((b,), bool), starts)
+        self.stats.decode_tokens += len(rows)
+        rids = [self.slots[i].rid for i in rows]
+        return [rid for i, rid in zip(rows, rids) if self._append(i, int(tok[i]))]
+
+    def _call(self, tokens, positions, segs, last, reset, starts):
+        """Run the jitted forward; `starts` maps busy slots to their cache length before."""
+        seeds = np.zeros((self.max_slots,), np.uint32)
+        steps = np.zeros((self.max_slots,), np.int32)
+        temp = np.zeros((self.max_slots,), np.float32)
+        top_k = np.zeros((self.max_slots,), np.int32)
+        top_p = np.ones((self.max_slots,), np.float32)
+        for i, req in enumerate(self.slots):
+            if req is not None:
+                seeds[i], steps[i] = req.params.seed, len(req.output)
+                temp[i], top_k[i], top_p[i] = req.params.temperature, req.params.top_k, req.params.top_p
+        if self.tables is not None:
+            ids = [req.rid for req in self.slots if req is not None]
+            table = np.zeros(self.cache[0].page_table.shape, np.int32)
+            lengths = np.zeros((self.max_slots,), np.int32)
+            if ids:
+                busy = [i for i, r in enumerate(self.slots) if r is not None]
+                table[busy] = self.tables.block_table(ids, max_pages=table.shape[1])
+                for i in busy:
+                    lengths[i] = starts.get(i, self.slots[i].written)
+            self.cache = set_page_tables(self.cache, table, lengths)
+        tok, self.cache = self._forward(self.state, self.cache, reset, tokens, positions, segs,
+                                        last, seeds, steps, temp, top_k, top_p)
+        return np.asarray(tok)
+
+    def _append(self, slot: int, token: int) -> bool:
+        """Record a sampled token; finish the request if it is done. True if finished."""
+        req = self.slots[slot]
+        req.output.append(token)
+        sp = req.params
+        if token in sp.stop_tokens or len(req.output) >= sp.max_new_tokens:
+            req.done = True
+            self._release(slot, keep_in_radix=True)
+            return True
+        return False
+
+    def _bucket(self, n: int) -> int:
+        t = self.min_bucket
+        while t < n:
+            t *= 2
+        return min(t, max(self.max_len, n))
+
+    # -- pages ------------------------------------------------------------------------
+
+    def _reserve_decode_pages(self) -> None:
+        """One more slot for every running request; evict, then preempt, when out of pages."""
+        for i in range(self.max_slots):
+            req = self.slots[i]
+            while req is not None:
+                try:
+                    self._copy_pages(self.tables.append(req.rid, 1).copies)
+                    break
+                except PoolExhausted as e:
+                    if self.radix is not None and self.radix.evict(e.needed - e.available):
+                        continue
+                    victim = max((j for j, r in enumerate(self.slots) if r is not None),
+                                 key=lambda j: self.slots[j].rid)
+                    self._preempt(victim)
+                    if victim == i:
+                        break
+
+    def _preempt(self, slot: int) -> None:
+        req = self.slots[slot]
+        self._release(slot, keep_in_radix=True)
+        self.waiting.appendleft(req)  # recomputed from prompt + output when pages free up
+        self.stats.preemptions += 1
+
+    def _release(self, slot: int, *, keep_in_radix: bool) -> None:
+        req = self.slots[slot]
+        self.slots[slot] = None
+        if self.tables is None:
+            return
+        if self.radix is not None:
+            if keep_in_radix:
+                self._cache_prefix(req)
+            if req.radix_node is not None:
+                self.radix.unlock(req.radix_node)
+                req.radix_node = None
+        self.tables.free(req.rid)
+
+    def _cache_prefix(self, req: _Request) -> None:
+        """Insert the request's cached tokens into the radix tree and lock their path."""
+        tokens = req.tokens[:req.written]
+        self.radix.insert(tokens, self.tables.pages(req.rid))
+        node = self.radix.match_prefix(tokens, record_stats=False).node
+        self.radix.lock(node)
+        if req.radix_node is not None:
+            self.radix.unlock(req.radix_node)
+        req.radix_node = node
+
+    def _copy_pages(self, copies) -> None:
+        if not copies:
+            return
+        layers = []
+        for layer in self.cache:
+            k, v = copy_pages(layer.k_pages, layer.v_pages, copies)
+            layers.append(layer.replace(k_pages=k, v_pages=v))
+        self.cache = tuple(layers)
