@@ -26,6 +26,7 @@ from arch.norms import RMSNorm
 from arch.positional import POSITION_EMBEDDINGS, RoPE, rotary_dim
 from pallas_kernels.flash_attention import IMPLS
 from pallas_kernels.flash_attention.reference import max_logits_reference
+from sharding import sequence as sequence_parallel
 
 LAYER_KINDS = ("global", "local", "nope", "chunked")
 
@@ -130,11 +131,15 @@ class Attention(nnx.Module):
                 logit_soft_cap=cfg.logit_soft_cap, sm_scale=sm_scale, sinks=sinks,
                 impl=cfg.attention_impl)
             return self.o(o), aux
+        impl, pos = cfg.attention_impl, {}
+        if not self.cross and sequence_parallel.attention_impl(impl) == "ring":
+            # Context parallelism: tokens may sit in striped order, so masks use true positions.
+            impl, pos = "ring", dict(q_positions=positions, kv_positions=positions)
         o = pallas_kernels.attention(
             q, k, v, causal=causal, sliding_window=window, segment_ids=seg,
             logit_soft_cap=cfg.logit_soft_cap, sm_scale=sm_scale,
-            sinks=sinks, impl=cfg.attention_impl)
+            sinks=sinks, impl=impl, **pos)
         if cfg.track_max_logits:
             aux["max_logits"] = max_logits_reference(
-                q, k, causal=causal, sliding_window=window, segment_ids=seg, sm_scale=sm_scale)
+                q, k, causal=causal, sliding_window=window, segment_ids=seg, sm_scale=sm_scale, **pos)
         return self.o(o), aux

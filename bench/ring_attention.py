@@ -35,8 +35,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from pallas_kernels.ring_attention import (layout_positions, ring_attention_in_layout,  # noqa: E402
-                                           tile_counts)
+from pallas_kernels.ring_attention import layout_positions, ring_attention_in_layout, tile_counts  # noqa: E402
 from pallas_kernels.ring_attention.block import BlockConfig, block_is_live  # noqa: E402
 
 MiB = 2**20
@@ -64,7 +63,7 @@ def work_balance(seq_len=8192, n=8, block=128):
     print("| layout | " + " | ".join(f"dev {d}" for d in range(n)) + " | max/mean tiles | total tiles |")
     print("|---" * (n + 3) + "|")
     for layout, (tiles, blocks) in rows.items():
-        cells = " | ".join(f"{t} ({b})" for t, b in zip(tiles, blocks))
+        cells = " | ".join(f"{t} ({b})" for t, b in zip(tiles, blocks, strict=True))
         print(f"| {layout} | {cells} | {tiles.max() / tiles.mean():.3f} | {tiles.sum()} |")
     print("\nCells: tiles with an unmasked pair (K/V blocks computed after skipping).")
 
@@ -82,7 +81,7 @@ def memory(seq_len=2048, batch=1, heads=4, head_dim=64):
         shape = jax.ShapeDtypeStruct((batch, seq_len, heads, head_dim), jnp.float32, sharding=sh)
         pos = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=sh)
 
-        def loss(q, k, v, pos):
+        def loss(q, k, v, pos, mesh=mesh):
             o = ring_attention_in_layout(q, k, v, mesh=mesh, positions=pos, causal=True,
                                          impl="reference")
             return jnp.sum(o * o)
@@ -123,9 +122,9 @@ def gpu_overhead(batch=4, seq_len=8192, heads=16, kv_heads=16, head_dim=128):
         k = jax.random.normal(ks[1], (batch, seq_len, kv_heads, head_dim), jnp.bfloat16)
         v = jax.random.normal(ks[2], (batch, seq_len, kv_heads, head_dim), jnp.bfloat16)
         pos = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
-        plain = lambda q, k, v: gpu.flash_attention_with_lse(q, k, v, causal=causal)[0]
-        ring = lambda q, k, v: ring_attention_in_layout(q, k, v, mesh=mesh, positions=pos,
-                                                        causal=causal, impl="pallas_gpu")
+        plain = lambda q, k, v, causal=causal: gpu.flash_attention_with_lse(q, k, v, causal=causal)[0]
+        ring = lambda q, k, v, causal=causal, pos=pos: ring_attention_in_layout(
+            q, k, v, mesh=mesh, positions=pos, causal=causal, impl="pallas_gpu")
         row = []
         for f in (plain, ring):
             row.append(_time(jax.jit(f), q, k, v))

@@ -8,6 +8,8 @@ impl:
   "pallas_gpu"  Pallas kernel for NVIDIA GPUs (interpret mode on CPU).
   "pallas_tpu"  Pallas kernel for TPUs (interpret mode on CPU).
   "cudnn"/"xla" `jax.nn.dot_product_attention` with that implementation (comparisons).
+  "ring"        ring attention over the sequence mesh axis (context parallelism); the
+                backend registers itself when `sharding.sequence` is imported.
 
 A backend is a function with the signature of `flash_attention` minus `impl`; it raises
 `NotImplementedError` for a feature it lacks, and "auto" then falls back to the reference.
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import reference
 
-IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu", "cudnn", "xla")
+IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu", "cudnn", "xla", "ring")
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 _BACKENDS: dict[str, Callable] = {}
@@ -68,7 +70,8 @@ def _load_kernel_backends():
             pass
 
 
-def _validate(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks, impl):
+def validate_inputs(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks, impl):
+    """ValueError naming the argument for anything a backend cannot take (shared by backends)."""
     if impl not in IMPLS:
         raise ValueError(f"{impl=} must be one of {IMPLS}")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -120,7 +123,7 @@ def flash_attention(
     block_sizes=None,
 ):
     """Attention over BTHD arrays; see reference.py for the exact mask semantics."""
-    _validate(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks, impl)
+    validate_inputs(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks, impl)
     kw = dict(causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
               q_positions=q_positions, kv_positions=kv_positions,
               logit_soft_cap=logit_soft_cap, sm_scale=sm_scale, sinks=sinks)

@@ -480,7 +480,7 @@ def flash_attention_with_lse(
     Mask semantics are reference.mha_reference's. `interpret=None` picks Pallas
     interpret mode on a CPU backend, so the kernel runs anywhere.
     """
-    api._validate(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks,
+    api.validate_inputs(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks,
                   "pallas_gpu")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a gpu.BlockSizes or None, got {block_sizes!r}")

@@ -50,7 +50,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels._compat import shard_map
-from pallas_kernels.flash_attention.api import _validate as validate_attention_inputs
+from pallas_kernels.flash_attention.api import validate_inputs as validate_attention_inputs
 from pallas_kernels.ring_attention.block import (
     RING_IMPLS,
     BlockConfig,
@@ -414,6 +414,7 @@ def ring_attention(
     check_layout(layout, stripe=stripe)
     if impl not in RING_IMPLS:
         raise ValueError(f"{impl=} must be one of {RING_IMPLS}")
+    validate_attention_inputs(q, k, v, segment_ids, None, None, sliding_window, sinks, "reference")
     sizes = _mesh_sizes(mesh)
     if axis_name not in sizes:
         raise ValueError(f"{axis_name=} is not an axis of the mesh; its axes are {tuple(sizes)}")

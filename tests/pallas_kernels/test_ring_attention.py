@@ -15,9 +15,15 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 from pallas_kernels.flash_attention.reference import attention_mask, mha_reference
-from pallas_kernels.ring_attention import (from_layout, layout_positions, ring_attention,
-                                           ring_attention_in_layout, ring_attention_shard,
-                                           tile_counts, to_layout)
+from pallas_kernels.ring_attention import (
+    from_layout,
+    layout_positions,
+    ring_attention,
+    ring_attention_in_layout,
+    ring_attention_shard,
+    tile_counts,
+    to_layout,
+)
 from pallas_kernels.ring_attention.block import BlockConfig, block_is_live
 
 TOL = dict(atol=1e-5, rtol=1e-5)

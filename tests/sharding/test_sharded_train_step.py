@@ -36,9 +36,9 @@ def ep_hook(monkeypatch):
 
 def small(family, dispatch="dropless"):
     c = (deepseek_v3 if family == "deepseek_v3" else llama3).get_config("tiny").model
-    c.update(d_model=64, num_layers=2, mlp_dim=128, head_dim=16)
-    if c.moe is not None:  # one dense layer, one MLA + MoE layer
-        c.moe.update(expert_mlp_dim=32, dispatch=dispatch,
+    c.update(d_model=64, num_layers=1, mlp_dim=128, head_dim=16)
+    if c.moe is not None:  # one MLA + MoE layer
+        c.moe.update(expert_mlp_dim=32, first_k_dense=0, dispatch=dispatch,
                      capacity_factor=1.0 if dispatch == "capacity" else None)
         c.mla.update(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
     return c
@@ -51,7 +51,7 @@ def loss_fn(params, graphdef, rest, tokens):
     return ce + aux["moe_aux_loss"] + aux["moe_z_loss"]
 
 
-TX = optax.adam(1e-2)
+TX = optax.sgd(0.1, momentum=0.9)  # linear in the gradients: the tolerance carries over
 
 
 def step(params, opt_state, graphdef, rest, tokens):
@@ -91,8 +91,9 @@ def assert_same(got, ref):
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(rgrads)):   # per-array relative
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-12
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
-                 new, rnew)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(rnew)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 def weight_all_gathers(hlo: str, shapes) -> int:

@@ -1,0 +1,147 @@
+"""Memory plan of a full-size train step, compiled ahead of time on emulated CPU devices.
+
+Nothing is allocated: parameters, optimizer state and the batch are `jax.ShapeDtypeStruct`s
+carrying their shardings (sharding/rules.py), and the step (loss, grads, AdamW update) is
+lowered and compiled with `jax.jit(...).lower(...).compile()` for N emulated devices. XLA's
+`compiled.memory_analysis()` then gives the per-device bytes of arguments, outputs and
+temporaries, and the HLO text the collectives the partitioner inserted.
+
+    python bench/plan.py --model=deepseek_v3                 # DeepSeek-V3 671B on 256 devices
+    python bench/plan.py --model=llama3_70b --preset=fsdp_tp
+    python bench/plan.py --model=llama3_70b --param-dtype=bfloat16 --out=bench/results/plan.md
+
+Caveats (they matter when reading the numbers):
+  * XLA:CPU compiles attention as the plain reference (scores [B, H, T, T] materialised);
+    on GPU/TPU the flash kernels keep O(T) memory, so temporaries here are an upper bound.
+  * DeepSeek-V3 has 3 dense layers then 58 MoE layers; `nnx.scan` needs identical layers,
+    so the plan compiles 61 MoE layers (first_k_dense=0): ~30B parameters more than the
+    real model (an upper bound, 4.6%).
+  * Expert parallelism uses sharding/expert.py's padded all_to_all buffers (dropless).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+PLANS = {
+    # name: (config module, config arg, devices, mesh, preset, global batch, seq)
+    "deepseek_v3": ("deepseek_v3", "full", 256, {"fsdp": 32, "expert": 8}, "fsdp_ep", 256, 4096),
+    "llama3_70b": ("llama3", "full,size=70b", 64, {"fsdp": 8, "tensor": 8}, "fsdp_tp", 64, 4096),
+}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+LIMITS_GIB = {"H100 (80 GiB)": 80, "TPU v5p (95 GiB)": 95}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(PLANS), default="llama3_70b")
+    p.add_argument("--preset", default=None, help="sharding preset (default: the plan's)")
+    p.add_argument("--mesh", default=None, help="e.g. fsdp=32,expert=8 (default: the plan's)")
+    p.add_argument("--batch", type=int, default=None, help="global batch in sequences")
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable"))
+    p.add_argument("--out", default=None, help="append a markdown row to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    module, arg, devices, mesh_cfg, preset, batch, seq = PLANS[args.model]
+    if args.mesh:
+        mesh_cfg = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
+    preset = args.preset or preset
+    batch, seq = args.batch or batch, args.seq or seq
+
+    # Emulated devices: XLA reads this once, before jax initialises its backends.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={devices}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import arch.moe
+    import sharding
+    from arch import build_model, count_params
+    from sharding import expert
+
+    # Expert parallelism through sharding/expert.py's dispatch (the MoE layer's hook).
+    arch.moe.dropless_moe, arch.moe.capacity_moe = expert.dropless_moe, expert.capacity_moe
+
+    cfg = importlib.import_module(f"configs.{module}").get_config(arg).model
+    cfg.update(scan_layers=True, remat=args.remat, param_dtype=args.param_dtype, max_seq_len=max(seq, 8))
+    if cfg.moe is not None:
+        cfg.moe.first_k_dense = 0  # scan needs identical layers (see module docstring)
+    mesh, rules = sharding.make_mesh(mesh_cfg), sharding.make_rules(preset)
+    sharding.check_model_config(cfg, mesh, rules)
+    total, active = count_params(cfg)
+
+    abstract = nnx.eval_shape(lambda: build_model(cfg, 0))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    tx = optax.adamw(1e-4, weight_decay=0.1)
+    opt_state = jax.eval_shape(tx.init, params)
+
+    def with_shardings(tree):
+        shardings = sharding.state_shardings(tree, mesh, rules)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            tree, shardings), shardings
+
+    params, p_sh = with_shardings(params)
+    rest, _ = with_shardings(rest)
+    opt_state, o_sh = with_shardings(opt_state)
+    tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32,
+                                  sharding=sharding.batch_sharding((batch, seq + 1), mesh, rules))
+
+    def loss_fn(p, tokens):
+        logits, aux = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        ce = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+        return ce + aux["moe_aux_loss"] + aux["moe_z_loss"]
+
+    def step(p, opt_state, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(p, tokens)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return loss, optax.apply_updates(p, updates), opt_state
+
+    t0 = time.time()
+    with sharding.activate(mesh, rules):
+        lowered = jax.jit(step, out_shardings=(None, p_sh, o_sh), donate_argnums=(0, 1)).lower(
+            params, opt_state, tokens)
+        compiled = lowered.compile()
+    seconds = time.time() - t0
+    mem = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    counts = {c: len(re.findall(rf"\s{c}(?:-start)?\(", hlo)) for c in COLLECTIVES}
+    gib = 1024 ** 3
+    arg_b, out_b, tmp_b = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
+    alias_b = getattr(mem, "alias_size_in_bytes", 0)
+    peak = arg_b + out_b - alias_b + tmp_b
+    fits = {name: peak <= lim * gib for name, lim in LIMITS_GIB.items()}
+    mesh_s = ",".join(f"{k}={v}" for k, v in dict(mesh.shape).items() if v > 1)
+    print(f"{args.model}: {total / 1e9:.1f}B params ({active / 1e9:.1f}B active), {mesh.size} devices "
+          f"[{mesh_s}], preset {rules.name}, batch {batch}x{seq}, params {args.param_dtype}, "
+          f"remat {args.remat}; compiled in {seconds:.0f}s")
+    print(f"  per device: arguments {arg_b / gib:.2f} GiB, outputs {out_b / gib:.2f} GiB "
+          f"(aliased {alias_b / gib:.2f}), temporaries {tmp_b / gib:.2f} GiB -> peak {peak / gib:.2f} GiB")
+    print(f"  fits: {fits}")
+    print(f"  collectives in HLO: {counts}")
+    if args.out:
+        row = (f"| {args.model} | {total / 1e9:.0f}B | {mesh.size} | {mesh_s} | {rules.name} | "
+               f"{batch}x{seq} | {args.param_dtype} | {args.remat} | {arg_b / gib:.1f} | "
+               f"{out_b / gib:.1f} | {tmp_b / gib:.1f} | {peak / gib:.1f} | "
+               + " | ".join("yes" if fits[n] else "no" for n in LIMITS_GIB) + " | "
+               + ", ".join(f"{c} {n}" for c, n in counts.items()) + f" | {seconds:.0f}s |\n")
+        with open(args.out, "a") as f:
+            f.write(row)
+
+
+if __name__ == "__main__":
+    main()

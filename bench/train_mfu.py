@@ -1,0 +1,190 @@
+"""Training throughput and MFU of train.py's step on one accelerator, for two ~1B models.
+
+    python bench/train_mfu.py                                  # both models, one GPU/TPU
+    python bench/train_mfu.py --models=gpt2-1.3b --remat=full --batch=4
+    python bench/train_mfu.py --smoke                          # tiny shapes: checks the script on CPU
+
+Models (bf16 compute, f32 parameters and AdamW state, as train.py trains them):
+  llama3-small  configs/llama3.py:small: 16 layers, d_model 2048, 16 heads (8 KV), SwiGLU 5632,
+                vocab 32000, 0.89B parameters
+  gpt2-1.3b     GPT-2 layout at 1.3B: 24 layers, d_model 2048, 16 heads of 128, GELU MLP 8192,
+                LayerNorm with biases, learned positions, tied embeddings, vocab 50304
+                (nanoGPT's padded GPT-2 vocabulary)
+Both at batch 4 x seq 4096 by default. The step is `trainer.step.train_step`: forward,
+backward, AdamW update, on random tokens (one document per row).
+
+MFU (trainer/mfu.py) counts 6 N per token for the weight matmuls plus the attention
+scores and values at half the square for causal layers (PaLM's 12 L T d, halved);
+recomputation under remat is not counted. The GPT-2 row also shows nanoGPT's
+un-halved count, the way nanoGPT's estimate_mfu reports it, and compares tokens/s
+with NANOGPT_H100_TOKENS_PER_S: 55.9k tokens/s for this GPT-2 1.3B at batch 4 x 4096
+on one H100 (the reference figure for this benchmark).
+
+`--remat=auto` tries no rematerialisation, then dots_saveable, then full, and reports
+the first that fits in memory.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import arch  # noqa: E402
+import optim  # noqa: E402
+from configs.base import get_base_config  # noqa: E402
+from configs.llama3 import get_config as llama3_config  # noqa: E402
+from trainer.mfu import flops_per_token, format_mfu, mfu, peak_flops  # noqa: E402
+from trainer.step import StepOptions, train_step  # noqa: E402
+
+NANOGPT_H100_TOKENS_PER_S = 55_900
+REMATS = ("none", "dots_saveable", "full")
+
+
+def llama3_small():
+    return llama3_config("small")
+
+
+def gpt2_13b():
+    c = get_base_config()
+    c.model.update(
+        family="gpt2", vocab_size=50304, d_model=2048, num_layers=24, num_heads=16,
+        num_kv_heads=16, head_dim=128, mlp_dim=8192, max_seq_len=4096, dtype="bfloat16",
+        norm="layernorm", norm_eps=1e-5, norm_bias=True, activation="gelu_tanh", mlp_bias=True,
+        attn_bias=True, attn_out_bias=True, position_embedding="learned", tie_embeddings=True)
+    return c
+
+
+MODELS = {"llama3-small": llama3_small, "gpt2-1.3b": gpt2_13b}
+
+
+def smoke(cfg):
+    """Same layout, toy sizes: for checking this script anywhere."""
+    cfg.model.update(d_model=64, num_layers=2, head_dim=16, mlp_dim=128, vocab_size=512,
+                     max_seq_len=128, num_heads=4, num_kv_heads=min(cfg.model.num_kv_heads, 4))
+    return cfg
+
+
+def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+    return {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
+            "segment_ids": jnp.ones((batch, seq), jnp.int32),
+            "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+
+
+def measure(cfg, *, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    """Seconds per step of train_step after `warmup` steps (the first compiles)."""
+    model = arch.build_model(cfg.model, nnx.Rngs(params=0))
+    tx = optim.build_optimizer(cfg.optim, nnx.state(model, nnx.Param), total_steps=10_000)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    opts = StepOptions.from_config(cfg)
+    data = random_batch(batch, seq, cfg.model.vocab_size)
+    for _ in range(warmup):
+        jax.block_until_ready(train_step(model, optimizer, data, opts=opts))
+    start = time.perf_counter()
+    for _ in range(steps):
+        metrics = train_step(model, optimizer, data, opts=opts)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
+    return {"step_s": seconds, "loss": float(metrics["loss"])}
+
+
+def is_oom(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def run_model(name: str, args) -> dict:
+    cfg = MODELS[name]()
+    if args.smoke:
+        cfg = smoke(cfg)
+    seq = min(args.seq, cfg.model.max_seq_len)
+    cfg.model.attention_impl = args.attention
+    cfg.train.z_loss = 0.0
+    total, active = arch.count_params(cfg.model)
+    row = {"model": name, "params": total, "batch": args.batch, "seq": seq}
+    for remat in (REMATS if args.remat == "auto" else (args.remat,)):
+        cfg.model.remat = remat
+        try:
+            row.update(measure(cfg, batch=args.batch, seq=seq, steps=args.steps,
+                               warmup=args.warmup), remat=remat)
+            break
+        except Exception as e:  # noqa: BLE001 - out of memory: try the next remat policy
+            if not is_oom(e):
+                raise
+            row.update(remat=f"{remat}: OOM", step_s=None)
+        finally:
+            gc.collect()
+            jax.clear_caches()
+    device = jax.devices()[0]
+    tokens = args.batch * seq
+    row["flops_per_token"] = flops_per_token(cfg.model, seq)
+    row["flops_per_token_nanogpt"] = flops_per_token(cfg.model, seq, causal_halving=False)
+    if row.get("step_s"):
+        tps = tokens / row["step_s"]
+        row["tokens_per_s"] = tps
+        row["mfu"] = mfu(tps, row["flops_per_token"], device.device_kind)
+        row["mfu_nanogpt"] = mfu(tps, row["flops_per_token_nanogpt"], device.device_kind)
+        row["tflops"] = tps * row["flops_per_token"] / 1e12
+    return row
+
+
+def table(rows: list[dict], device_kind: str) -> str:
+    peak = peak_flops(device_kind)
+    lines = [f"device: {device_kind} (bf16 dense peak "
+             f"{'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}), jax {jax.__version__}",
+             "",
+             "| model | params | batch x seq | remat | step (s) | tokens/s | TFLOP/s | MFU | "
+             "MFU (nanoGPT count) | vs nanoGPT 55.9k tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tps = r.get("tokens_per_s")
+        vs = (f"{tps / NANOGPT_H100_TOKENS_PER_S:.2f}x" if tps and r["model"] == "gpt2-1.3b"
+              else "")
+        lines.append(
+            f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['batch']} x {r['seq']} | {r['remat']} | "
+            + (f"{r['step_s']:.3f} | {tps:,.0f} | {r['tflops']:.0f} | {format_mfu(r['mfu'])} | "
+               f"{format_mfu(r['mfu_nanogpt'])} | {vs} |" if tps else "- | - | - | - | - | - |"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {tuple(MODELS)}")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
+    p.add_argument("--remat", default="auto", choices=("auto",) + REMATS)
+    p.add_argument("--attention", default="auto", help="model.attention_impl")
+    p.add_argument("--smoke", action="store_true", help="toy sizes, to check the script on CPU")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"--models {unknown} must be in {tuple(MODELS)}")
+    if jax.default_backend() == "cpu" and not args.smoke:
+        sys.exit("bench/train_mfu.py measures ~1B models on a GPU or TPU; on CPU use --smoke")
+    rows = []
+    for name in names:
+        rows.append(run_model(name, args))
+        print(f"{name}: {rows[-1]}", flush=True)
+    text = table(rows, jax.devices()[0].device_kind)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# Training throughput and MFU (bench/train_mfu.py)\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
