@@ -35,14 +35,15 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 import arch
 import data
 import optim
 from trainer.checkpoint import Checkpointer, abstract_like, train_state
 from trainer.config import ConfigError, check_config
-from trainer.metrics import MetricsWriter, plot_losses, read_metrics
 from trainer.mesh import make_mesh_from_config, shard_batch, shard_state, state_shardings
+from trainer.metrics import MetricsWriter, plot_losses, read_metrics
 from trainer.mfu import flops_per_token, format_mfu, mfu
 from trainer.sample import generate
 from trainer.signals import StopOnSignal
@@ -133,54 +134,56 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
             plot_losses(read_metrics(writer.path), os.path.join(workdir, "loss.png"),
                         title=f"{cfg.model.family} {total / 1e6:.1f}M")
 
-    from tqdm.auto import tqdm
+    schedule = optim.build_schedule(cfg.optim, cfg.optim.lr, t.steps)  # for the log only
     bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True)
     pending, last = [], {}
     speed = {"tokens_per_s": None, "mfu": None}
     timer_steps, timer = 0, None
     step, stopped = start, False
-    with StopOnSignal() as stop:
-        for step in range(start + 1, t.steps + 1):
-            batch = shard_batch(next(loader), mesh)
-            pending.append(train_step(model, optimizer, batch, opts=opts))
-            if timer is None:  # the first step compiles: time from its end
-                jax.block_until_ready(pending[-1])
-                timer, timer_steps = time.perf_counter(), 0
-            else:
-                timer_steps += 1
-            if stop_after is not None and step - start >= stop_after:
-                stop.request()
-            done = step == t.steps or stop.requested
-            if step % t.log_every == 0 or done:
-                fetched = jax.device_get(pending)
-                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                pending = []
-                if timer_steps:
-                    tps = timer_steps * tokens_per_step / (time.perf_counter() - timer)
-                    speed = {"tokens_per_s": tps,
-                             "mfu": mfu(tps, flops_tok, device_kind, mesh.size)}
-                lr = optim.build_schedule(cfg.optim, cfg.optim.lr, t.steps)(step - 1)
-                log(step, "train", {**last, "lr": float(lr), **speed})
-                bar.set_postfix(loss=f"{last['loss']:.3f}",
-                                tok_s=f"{speed['tokens_per_s'] or 0:,.0f}",
-                                mfu=format_mfu(speed["mfu"]), refresh=False)
-                timer, timer_steps = time.perf_counter(), 0
-            bar.update(1)
-            if t.eval_every and step % t.eval_every == 0 and not done:
-                ev = evaluate(model, ds, mesh, t.eval_batches)
-                log(step, "eval", ev)
-                bar.write(f"step {step}: validation loss {ev['loss']:.4f}, "
-                          f"bits/byte {_fmt(ev['bits_per_byte'])}")
-                plot()
-                timer, timer_steps = time.perf_counter(), 0
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
-                ckpt.save(step, train_state(model, optimizer, rng), loader.get_state())
-                timer, timer_steps = time.perf_counter(), 0
-            if stop.requested:
-                stopped = True
-                break
-    bar.close()
-    ckpt.close()   # waits for the last save
+    try:
+        with StopOnSignal() as stop:
+            for step in range(start + 1, t.steps + 1):
+                batch = shard_batch(next(loader), mesh)
+                pending.append(train_step(model, optimizer, batch, opts=opts))
+                if timer is None:  # the first step compiles: time from its end
+                    jax.block_until_ready(pending[-1])
+                    timer, timer_steps = time.perf_counter(), 0
+                else:
+                    timer_steps += 1
+                if stop_after is not None and step - start >= stop_after:
+                    stop.request()
+                done = step == t.steps or stop.requested
+                if step % t.log_every == 0 or done:
+                    fetched = jax.device_get(pending)
+                    last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                    pending = []
+                    if timer_steps:
+                        tps = timer_steps * tokens_per_step / (time.perf_counter() - timer)
+                        speed = {"tokens_per_s": tps,
+                                 "mfu": mfu(tps, flops_tok, device_kind, mesh.size)}
+                    # The optimizer's count before this update was step - 1.
+                    log(step, "train", {**last, "lr": float(schedule(step - 1)), **speed})
+                    bar.set_postfix(loss=f"{last['loss']:.3f}",
+                                    tok_s=f"{speed['tokens_per_s'] or 0:,.0f}",
+                                    mfu=format_mfu(speed["mfu"]), refresh=False)
+                    timer, timer_steps = time.perf_counter(), 0
+                bar.update(1)
+                if t.eval_every and step % t.eval_every == 0 and not done:
+                    ev = evaluate(model, ds, mesh, t.eval_batches)
+                    log(step, "eval", ev)
+                    bar.write(f"step {step}: validation loss {ev['loss']:.4f}, "
+                              f"bits/byte {_fmt(ev['bits_per_byte'])}")
+                    plot()
+                    timer, timer_steps = time.perf_counter(), 0
+                if (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
+                    ckpt.save(step, train_state(model, optimizer, rng), loader.get_state())
+                    timer, timer_steps = time.perf_counter(), 0
+                if stop.requested:
+                    stopped = True
+                    break
+    finally:
+        bar.close()
+        ckpt.close()   # waits for the last save, also after an exception
     result = {"step": step, "stopped": stopped, "train_loss": last.get("loss"),
               "val_loss": None, "val_perplexity": None, "val_bits_per_byte": None,
               "sample": None, **speed}

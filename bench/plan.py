@@ -29,7 +29,7 @@ import time
 PLANS = {
     # name: (config module, config arg, devices, mesh, preset, global batch, seq)
     "deepseek_v3": ("deepseek_v3", "full", 256, {"fsdp": 32, "expert": 8}, "fsdp_ep", 256, 4096),
-    "llama3_70b": ("llama3", "full,size=70b", 64, {"fsdp": 8, "tensor": 8}, "fsdp_tp", 64, 4096),
+    "llama3_70b": ("llama3", "full,size=70b", 64, {"fsdp": 8, "tensor": 8}, "fsdp_tp", 8, 4096),
 }
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 LIMITS_GIB = {"H100 (80 GiB)": 80, "TPU v5p (95 GiB)": 95}

@@ -88,7 +88,7 @@ def plot_losses(records: list[dict], path: str, *, title: str | None = None) -> 
         pts = [(r["step"], r["loss"]) for r in records
                if r["split"] == split and isinstance(r.get("loss"), (int, float))]
         if pts:
-            ax.plot(*zip(*pts), style, label="validation" if split == "eval" else split)
+            ax.plot(*zip(*pts, strict=True), style, label="validation" if split == "eval" else split)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     if title:

@@ -20,6 +20,7 @@ from configs import bert
 from arch import build_model
 from arch.attention import Attention
 from arch.mla import MLAttention
+from arch.model import freeze
 from pallas_kernels.flash_attention.reference import mha_reference
 from serving.cache import (DenseKV, PagedKV, RollingKV, init_cache, reset_rows,
                            set_page_tables)
@@ -51,7 +52,7 @@ def tiny_model_config(family: str):
     if cfg.mla is not None:
         cfg.mla.update(q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
                        v_head_dim=8)
-    return cfg
+    return freeze(cfg)  # hashable: layers built from it go through jit as static data
 
 
 def kinds_for(family):
@@ -94,6 +95,12 @@ def greedy_decode(graphdef, state, cache, prompt, prompt_seg, steps):
     return toks.T, used.transpose(1, 0, 2)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def full_forward(graphdef, state, tokens):
+    logits, _ = nnx.merge(graphdef, state)(tokens)
+    return logits
+
+
 @functools.lru_cache(maxsize=None)
 def family_model(family):
     cfg = tiny_model_config(family)
@@ -123,7 +130,7 @@ def test_greedy_decode_matches_full_forward(family, kind):
     seqs = np.zeros((2, total), np.int32)
     for i, n in enumerate(PROMPT_LENS):
         seqs[i, :n + NEW_TOKENS] = np.concatenate([prompt[i, :n], toks[i]])
-    ref, _ = model(jnp.asarray(seqs))
+    ref = full_forward(graphdef, state, jnp.asarray(seqs))
     for i, n in enumerate(PROMPT_LENS):
         ref_logits = np.asarray(ref[i, n - 1:n - 1 + NEW_TOKENS])  # logits that pick token n+j
         np.testing.assert_array_equal(toks[i], ref_logits.argmax(-1))
@@ -151,13 +158,25 @@ def _layer_inputs(cfg, b, t, seed=0):
     return x, jnp.broadcast_to(jnp.arange(t), (b, t))
 
 
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("absorb",))
+def _layer_call(graphdef, state, x, pos, cache=None, absorb=None):
+    """One attention layer call (jitted: eager dispatch of many small ops is slower)."""
+    kw = {} if absorb is None else {"absorb": absorb}
+    y, aux = nnx.merge(graphdef, state)(x, positions=pos, cache=cache, **kw)
+    return y, aux.get("cache")
+
+
+def _full_layer(layer, x, pos, **kw):
+    return _layer_call(*nnx.split(layer), x, pos, **kw)[0]
+
+
 def _decode_layer(layer, cache, x, chunks, **kw):
     """Feed x [B, T, D] in chunks of the given lengths; outputs concatenated [B, T, D]."""
+    graphdef, state = nnx.split(layer)
     outs, start = [], 0
     for n in chunks:
         pos = jnp.broadcast_to(jnp.arange(start, start + n), (x.shape[0], n))
-        y, aux = layer(x[:, start:start + n], positions=pos, cache=cache, **kw)
-        cache = aux["cache"]
+        y, cache = _layer_call(graphdef, state, x[:, start:start + n], pos, cache, **kw)
         outs.append(y)
         start += n
     return jnp.concatenate(outs, axis=1), cache
@@ -167,7 +186,7 @@ def test_rolling_equals_dense_for_sliding_window():
     cfg = tiny_model_config("mistral")
     layer = Attention(cfg, rngs=nnx.Rngs(0), layer_kind="local")
     x, pos = _layer_inputs(cfg, 2, 14)
-    full, _ = layer(x, positions=pos)
+    full = _full_layer(layer, x, pos)
     chunks = (6, 1, 1, 5, 1)  # a prefill longer than the window, decode, a second long chunk
     dense, _ = _decode_layer(layer, init_cache(cfg, 2, 16, "dense")[0], x, chunks)
     rolling, rc = _decode_layer(layer, init_cache(cfg, 2, 16, "rolling")[0], x, chunks)
@@ -180,9 +199,9 @@ def test_rolling_equals_dense_for_sliding_window():
 def test_rolling_chunked_layer_equals_full():
     cfg = tiny_model_config("llama4")
     layer = Attention(cfg, rngs=nnx.Rngs(0), layer_kind="chunked")
-    x, pos = _layer_inputs(cfg, 1, 11)
-    full, _ = layer(x, positions=pos)
-    rolling, rc = _decode_layer(layer, init_cache(cfg, 1, 16, "rolling")[0], x, (5, 1, 1, 3, 1))
+    x, pos = _layer_inputs(cfg, 1, 12)
+    full = _full_layer(layer, x, pos)
+    rolling, rc = _decode_layer(layer, init_cache(cfg, 1, 16, "rolling")[0], x, (5, 1, 1, 5))
     chex.assert_shape(rc.k, (1, WINDOW, cfg.num_kv_heads, cfg.head_dim))
     chex.assert_trees_all_close(rolling, full, atol=1e-5)
 
@@ -191,7 +210,7 @@ def test_mla_latent_cache_absorbed_equals_naive():
     cfg = tiny_model_config("deepseek_v3")
     layer = MLAttention(cfg, rngs=nnx.Rngs(0))
     x, pos = _layer_inputs(cfg, 2, 9)
-    full, _ = layer(x, positions=pos, absorb=False)
+    full = _full_layer(layer, x, pos, absorb=False)
     cache = init_cache(cfg, 2, 16)[0]
     # The latent cache holds c_KV and the shared RoPE key only: (16 + 4) numbers per token
     # instead of 2 * heads * head_dim.
@@ -199,8 +218,10 @@ def test_mla_latent_cache_absorbed_equals_naive():
     chex.assert_shape(cache.v, (2, 16, 1, cfg.mla.qk_rope_head_dim))
     absorbed, _ = _decode_layer(layer, cache, x, (4, 1, 1, 1, 1, 1), absorb=True)
     naive, _ = _decode_layer(layer, cache, x, (4, 1, 1, 1, 1, 1), absorb=False)
+    default, _ = _decode_layer(layer, cache, x, (4, 1, 1, 1, 1, 1))  # naive prefill, absorbed decode
     chex.assert_trees_all_close(absorbed, naive, atol=1e-5)
     chex.assert_trees_all_close(naive, full, atol=1e-5)
+    chex.assert_trees_all_close(default, full, atol=1e-5)
 
 
 def test_paged_decode_kernel_equals_dense_cache():
@@ -238,12 +259,13 @@ def test_reset_rows_empties_only_those_rows():
     for kind in ("dense", "rolling"):
         cfg_w = tiny_model_config("mistral")
         c = init_cache(cfg_w if kind == "rolling" else cfg, 2, 16, kind)
-        _, aux = layer(x, positions=pos, cache=c[0])
-        (fresh,) = reset_rows((aux["cache"],), np.array([True, False]))
+        graphdef, state = nnx.split(layer)
+        _, filled = _layer_call(graphdef, state, x, pos, c[0])
+        (fresh,) = reset_rows((filled,), np.array([True, False]))
         np.testing.assert_array_equal(fresh.lengths, [0, 6])
         # Row 0 restarts: its new output is that of a fresh sequence.
-        y, _ = layer(x[:, :2], positions=pos[:, :2], cache=fresh)
-        y_ref, _ = layer(x[:1, :2], positions=pos[:1, :2])
+        y, _ = _layer_call(graphdef, state, x[:, :2], pos[:, :2], fresh)
+        y_ref = _full_layer(layer, x[:1, :2], pos[:1, :2])
         chex.assert_trees_all_close(y[0], y_ref[0], atol=1e-5)
 
 
@@ -256,7 +278,7 @@ def test_bad_requests_raise_value_error():
         init_cache(cfg, 1, 8, kind="sparse")
     with pytest.raises(ValueError, match="max_len=64 must be <= model.max_seq_len=32"):
         init_cache(cfg, 1, 64)
-    scanned = tiny_model_config("llama3")
+    scanned = tiny_model_config("llama3").as_configdict()
     scanned.scan_layers = True
     with pytest.raises(ValueError, match="scan_layers=True is not supported"):
         init_cache(scanned, 1, 8)

@@ -91,7 +91,7 @@ def test_resume_after_stop_gives_identical_losses_and_batches(reference_run, cor
     assert [losses[s] for s in range(1, 7)] == [ref_losses[s] for s in range(1, 7)]  # bit-exact
     first_run, resumed_run = record_batches
     assert len(first_run) == 3 and len(resumed_run) == 3
-    for got, want in zip(first_run + resumed_run, ref_batches):
+    for got, want in zip(first_run + resumed_run, ref_batches, strict=True):
         np.testing.assert_array_equal(got, want)
     assert second["val_loss"] == reference_run[3]["val_loss"]
 

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from trainer.checkpoint import Checkpointer, CheckpointWarning, abstract_like
 
@@ -117,7 +118,7 @@ def test_saved_replicated_on_8_devices_restores_sharded_on_2(tmp_path):
     ckpt.close()
     assert step == 1
     jax.tree.map(np.testing.assert_array_equal, state, tree(7))
-    for arr, sh in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+    for arr, sh in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
         assert arr.sharding.is_equivalent_to(sh, arr.ndim)
     assert {s.data.shape for s in state["w"].addressable_shards} == {(4, 6)}
 
