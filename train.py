@@ -101,8 +101,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     rng = jax.random.key(cfg.seed)
 
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
 
     start = 0
@@ -164,7 +165,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                     # The optimizer's count before this update was step - 1.
                     log(step, "train", {**last, "lr": float(schedule(step - 1)), **speed})
                     bar.set_postfix(loss=f"{last['loss']:.3f}",
-                                    tok_s=f"{speed['tokens_per_s'] or 0:,.0f}",
+                                    tok_s=_fmt(speed["tokens_per_s"], "{:,.0f}"),
                                     mfu=format_mfu(speed["mfu"]), refresh=False)
                     timer, timer_steps = time.perf_counter(), 0
                 bar.update(1)

@@ -48,7 +48,11 @@ from flax import nnx
 
 from arch.common import Linear, check_choice, dtype_of, logical_param, param
 from arch.mlp import MLP, activation_fn
-from arch.moe_dispatch import ExpertWeights, capacity_moe, dropless_moe, expert_capacity
+from arch.moe_dispatch import ExpertWeights, expert_capacity
+
+# Expert-parallel dispatch (all_to_all over the `expert` mesh axis) when sharding.activate()
+# is in effect; otherwise these are the single-device functions of arch.moe_dispatch.
+from sharding.expert import capacity_moe, dropless_moe
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DISPATCHES = ("dropless", "capacity", "dense")

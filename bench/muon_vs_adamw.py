@@ -13,11 +13,13 @@ same order for every run (loader seed 0), cosine schedule with warmup, weight de
 
 Reported: the best final validation loss of each optimizer; the first step at which
 the best Muon run reaches the best AdamW run's final loss (linear interpolation
-between evaluations); the wall-clock time per step (median over the timed steps of
-each run, evaluation excluded) and Muon's overhead.
+between evaluations); the wall-clock time per training step of each optimizer,
+measured apart from the sweep by alternating the two on the same batch (so that load
+from other processes hits both alike), and Muon's overhead.
 
-    python bench/muon_vs_adamw.py                          # ~10-15 min on a 2-core CPU
-    python bench/muon_vs_adamw.py --steps=60 --lrs=3e-3    # a quick check
+    python bench/muon_vs_adamw.py                                   # 6 runs of 150 steps
+    python bench/muon_vs_adamw.py --steps=40 --adamw_lrs=1e-3 --muon_lrs=1e-2   # a quick check
+    python bench/muon_vs_adamw.py --reuse     # keep runs already in the JSON, add missing lrs
 
 Writes bench/results/muon_vs_adamw.{md,png,json}.
 """
@@ -79,7 +81,30 @@ def run(cfg, name: str, lr: float, train_docs, val_batches, *, steps: int, eval_
             print(f"  {name} lr={lr:g} step {step}: train {loss:.4f} val {curve[-1][1]:.4f}", flush=True)
     return {"name": name, "lr": lr, "curve": curve, "train_loss": train_loss,
             "step_time_s": float(np.median(step_times[2:])),  # skip compile + first steps
-            "final_val": curve[-1][1]}
+            "final_val": curve[-1][1], "steps": steps}
+
+
+def time_steps(cfg, train_docs, *, reps: int) -> dict[str, float]:
+    """Median seconds per train step of each optimizer, alternating them step by step."""
+    loader = TrainLoader(train_docs, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=1)
+    batch = {k: jnp.asarray(v) for k, v in next(loader).items()}
+    opts = StepOptions.from_config(cfg)
+    state, times = {}, {}
+    for name in ("adamw", "moonlight"):
+        c = cfg.copy_and_resolve_references()
+        c.optim.name = name
+        model = build_model(c.model, nnx.Rngs(params=c.seed))
+        tx = optim.build_optimizer(c.optim, nnx.state(model, nnx.Param), total_steps=10 * reps)
+        state[name] = (model, nnx.Optimizer(model, tx, wrt=nnx.Param))
+        times[name] = []
+        for _ in range(2):  # compile and warm up
+            float(train_step(*state[name], batch, opts=opts)["loss"])
+    for _ in range(reps):
+        for name in ("adamw", "moonlight"):
+            t0 = time.perf_counter()
+            float(train_step(*state[name], batch, opts=opts)["loss"])
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def steps_to_reach(curve, target: float) -> float | None:
@@ -109,10 +134,10 @@ def plot(runs, best, path):
     fig.savefig(path, dpi=120)
 
 
-def write_report(args, cfg, n_params, runs, best, out_md):
+def write_report(args, cfg, n_params, runs, best, timing, out_md):
     a, m = best["adamw"], best["moonlight"]
     reach = steps_to_reach(m["curve"], a["final_val"])
-    overhead = m["step_time_s"] / a["step_time_s"] - 1
+    overhead = timing["moonlight"] / timing["adamw"] - 1
     lines = [
         "# Muon (Moonlight scaling) vs AdamW: a small Llama on CPU",
         "",
@@ -128,32 +153,40 @@ def write_report(args, cfg, n_params, runs, best, out_md):
         f"- Machine: {platform.machine()} CPU, {os.cpu_count()} cores, jax {jax.__version__}; "
         "shared with other jobs, so absolute times are noisy (ratios between runs taken back to back "
         "less so).",
-        f"- Command: `python bench/muon_vs_adamw.py --steps={args.steps} --lrs={args.lrs}`",
+        f"- Command: `python bench/muon_vs_adamw.py --steps={args.steps} --adamw_lrs={args.adamw_lrs} "
+        f"--muon_lrs={args.muon_lrs}`",
         "",
-        "| optimizer | lr | final val loss | min val loss | median step time (ms) |",
+        "| optimizer | lr | final val loss | min val loss | median step time in the sweep (ms) |",
         "|---|---|---|---|---|",
     ]
-    for r in runs:
+    for r in sorted(runs, key=lambda r: (r["name"], r["lr"])):
         mark = "**" if r is best[r["name"]] else ""
         lines.append(f"| {mark}{r['name']}{mark} | {r['lr']:g} | {mark}{r['final_val']:.4f}{mark} | "
                      f"{min(v for _, v in r['curve']):.4f} | {1e3 * r['step_time_s']:.1f} |")
+    def edge(r):
+        lrs = sorted(x["lr"] for x in runs if x["name"] == r["name"])
+        return " (at the edge of its lr grid)" if r["lr"] in (lrs[0], lrs[-1]) else ""
+
     reach_txt = (f"step {reach:.0f} of {args.steps} ({reach / args.steps:.0%} of AdamW's steps)"
                  if reach is not None else "not reached within the run")
     lines += [
         "",
-        f"- Best AdamW (lr {a['lr']:g}) ends at **{a['final_val']:.4f}**; best Muon (lr {m['lr']:g}) ends at "
+        f"- Best AdamW (lr {a['lr']:g}{edge(a)}) ends at **{a['final_val']:.4f}**; best Muon "
+        f"(lr {m['lr']:g}{edge(m)}) ends at "
         f"**{m['final_val']:.4f}** ({m['final_val'] - a['final_val']:+.4f}).",
         f"- Muon reaches AdamW's final validation loss at {reach_txt}.",
-        f"- Wall-clock per step: AdamW {1e3 * a['step_time_s']:.1f} ms, Muon {1e3 * m['step_time_s']:.1f} ms "
-        f"(overhead {overhead:+.0%}). On this model every matrix is small (<= 384 wide), so "
+        f"- Wall-clock per training step, {args.time_reps} steps of each alternated on one batch: AdamW "
+        f"{1e3 * timing['adamw']:.1f} ms, Muon {1e3 * timing['moonlight']:.1f} ms (overhead {overhead:+.0%}; "
+        "the per-run medians in the table move by more than that with the machine's load). On this model every matrix is small (<= 384 wide), so "
         "Newton-Schulz (5 x 3 matmuls per matrix) is a visible share of a CPU step; its cost grows "
         "as d^3 per matrix against the d^2 x tokens of the forward/backward, so the share shrinks "
         "with batch size.",
         "",
         "![validation loss](muon_vs_adamw.png)",
         "",
-        "Caveats: one seed, one small model, a short run; a lr sweep of "
-        f"{len(args.lrs.split(','))} points per optimizer. The direction of the result is what this "
+        "Caveats: one seed, one small model, a short run; lr sweeps of "
+        f"{len(args.adamw_lrs.split(','))} (AdamW) and {len(args.muon_lrs.split(','))} (Muon) points, "
+        "The direction of the result is what this "
         "checks, not the size of the gain at scale.",
     ]
     with open(out_md, "w") as f:
@@ -164,7 +197,11 @@ def write_report(args, cfg, n_params, runs, best, out_md):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="comma-separated peak lrs, for both optimizers")
+    p.add_argument("--adamw_lrs", default="3e-4,1e-3,3e-3", help="comma-separated peak lrs")
+    p.add_argument("--muon_lrs", default="3e-3,1e-2,3e-2", help="comma-separated peak lrs")
+    p.add_argument("--time_reps", type=int, default=20, help="alternated steps for the timing")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep runs of the same step count from the existing JSON; run only missing lrs")
     p.add_argument("--eval_every", type=int, default=25)
     p.add_argument("--eval_batches", type=int, default=8)
     p.add_argument("--out", default=RESULTS)
@@ -179,18 +216,28 @@ def main(argv=None):
     print(optim.param_table(optim.label_params(nnx.state(model, nnx.Param))))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
+    json_path = os.path.join(args.out, "muon_vs_adamw.json")
+    old = []
+    if args.reuse and os.path.exists(json_path):
+        with open(json_path) as f:
+            old = [r for r in json.load(f)["runs"] if r.get("steps", args.steps) == args.steps]
+    wanted = [("adamw", float(x)) for x in args.adamw_lrs.split(",")]
+    wanted += [("moonlight", float(x)) for x in args.muon_lrs.split(",")]
     runs = []
-    for lr in (float(x) for x in args.lrs.split(",")):
-        for name in ("adamw", "moonlight"):  # interleaved, so load changes hit both alike
-            runs.append(run(cfg, name, lr, train_docs, val_batches, steps=args.steps,
-                            eval_every=args.eval_every))
+    for name, lr in sorted(wanted, key=lambda x: x[1]):
+        done = [r for r in old if r["name"] == name and np.isclose(r["lr"], lr)]
+        runs.append(done[0] if done else run(cfg, name, lr, train_docs, val_batches,
+                                              steps=args.steps, eval_every=args.eval_every))
     best = {n: min((r for r in runs if r["name"] == n), key=lambda r: r["final_val"])
             for n in ("adamw", "moonlight")}
+    timing = time_steps(cfg, train_docs, reps=args.time_reps)
     os.makedirs(args.out, exist_ok=True)
     plot(runs, best, os.path.join(args.out, "muon_vs_adamw.png"))
-    reach, overhead = write_report(args, cfg, n_params, runs, best, os.path.join(args.out, "muon_vs_adamw.md"))
-    with open(os.path.join(args.out, "muon_vs_adamw.json"), "w") as f:
-        json.dump({"runs": runs, "steps_to_adamw_final": reach, "step_time_overhead": overhead}, f, indent=1)
+    reach, overhead = write_report(args, cfg, n_params, runs, best, timing,
+                                   os.path.join(args.out, "muon_vs_adamw.md"))
+    with open(json_path, "w") as f:
+        json.dump({"runs": runs, "timing_s": timing, "steps_to_adamw_final": reach,
+                   "step_time_overhead": overhead}, f, indent=1)
     print(open(os.path.join(args.out, "muon_vs_adamw.md")).read())
 
 

@@ -68,13 +68,8 @@ def main(argv=None):
     import optax
     from flax import nnx
 
-    import arch.moe
     import sharding
     from arch import build_model, count_params
-    from sharding import expert
-
-    # Expert parallelism through sharding/expert.py's dispatch (the MoE layer's hook).
-    arch.moe.dropless_moe, arch.moe.capacity_moe = expert.dropless_moe, expert.capacity_moe
 
     cfg = importlib.import_module(f"configs.{module}").get_config(arg).model
     cfg.update(scan_layers=True, remat=args.remat, param_dtype=args.param_dtype, max_seq_len=max(seq, 8))
@@ -100,21 +95,23 @@ def main(argv=None):
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32,
                                   sharding=sharding.batch_sharding((batch, seq + 1), mesh, rules))
 
-    def loss_fn(p, tokens):
+    def loss_fn(p, rest, tokens):
+        # Fresh Variable objects at this trace level (nnx.scan checks that they agree).
+        rest = jax.tree.map(lambda x: x, rest)
         logits, aux = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
         logp = jax.nn.log_softmax(logits.astype(jnp.float32))
         ce = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
         return ce + aux["moe_aux_loss"] + aux["moe_z_loss"]
 
-    def step(p, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(p, tokens)
+    def step(p, rest, opt_state, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(p, rest, tokens)
         updates, opt_state = tx.update(grads, opt_state, p)
         return loss, optax.apply_updates(p, updates), opt_state
 
     t0 = time.time()
     with sharding.activate(mesh, rules):
-        lowered = jax.jit(step, out_shardings=(None, p_sh, o_sh), donate_argnums=(0, 1)).lower(
-            params, opt_state, tokens)
+        lowered = jax.jit(step, out_shardings=(None, p_sh, o_sh), donate_argnums=(0, 2)).lower(
+            params, rest, opt_state, tokens)
         compiled = lowered.compile()
     seconds = time.time() - t0
     mem = compiled.memory_analysis()

@@ -40,7 +40,7 @@ from flax import nnx  # noqa: E402
 
 import arch  # noqa: E402
 import optim  # noqa: E402
-from configs.base import get_base_config  # noqa: E402
+from configs.gpt2 import get_config as gpt2_config  # noqa: E402
 from configs.llama3 import get_config as llama3_config  # noqa: E402
 from trainer.mfu import flops_per_token, format_mfu, mfu, peak_flops  # noqa: E402
 from trainer.step import StepOptions, train_step  # noqa: E402
@@ -54,12 +54,8 @@ def llama3_small():
 
 
 def gpt2_13b():
-    c = get_base_config()
-    c.model.update(
-        family="gpt2", vocab_size=50304, d_model=2048, num_layers=24, num_heads=16,
-        num_kv_heads=16, head_dim=128, mlp_dim=8192, max_seq_len=4096, dtype="bfloat16",
-        norm="layernorm", norm_eps=1e-5, norm_bias=True, activation="gelu_tanh", mlp_bias=True,
-        attn_bias=True, attn_out_bias=True, position_embedding="learned", tie_embeddings=True)
+    c = gpt2_config("small,size=1.3b")  # 24 layers, d 2048, 16 heads, seq 4096, bf16
+    c.model.vocab_size = 50304          # nanoGPT pads GPT-2's 50257 to a multiple of 64
     return c
 
 

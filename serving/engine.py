@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +93,11 @@ def _forward(graphdef, state, cache, reset, tokens, positions, segment_ids, last
     return tok, aux["cache"]
 
 
+# Module-level, keyed by the model's graphdef: engines over one model share compilations.
+_forward_jit = jax.jit(_forward, static_argnums=0)
+_forward_jit_donate = jax.jit(_forward, static_argnums=0, donate_argnums=2)  # reuse cache buffers
+
+
 class Engine:
     """Continuous-batching generation over a causal decoder (see the module docstring).
 
@@ -127,8 +131,7 @@ class Engine:
         self.cache = init_cache(cfg, max_slots, self.max_len, cache_kind,
                                 page_size=page_size, num_pages=num_pages)
         self.graphdef, self.state = nnx.split(model)
-        donate = () if jax.default_backend() == "cpu" else ("cache",)
-        self._forward = jax.jit(functools.partial(_forward, self.graphdef), donate_argnames=donate)
+        self._forward = _forward_jit if jax.default_backend() == "cpu" else _forward_jit_donate
         self.tables = self.radix = None
         if cache_kind == "paged":
             pool = PagePool(self.cache[0].k_pages.shape[1], page_size)
@@ -220,6 +223,8 @@ class Engine:
         free = [i for i, r in enumerate(self.slots) if r is None]
         while free and self.waiting:
             req = self.waiting[0]
+            if self.radix is not None and self._prefix_in_flight(req, admitted):
+                break  # next step its prefix is cached: prefill only the rest then
             start = 0
             if self.tables is not None:
                 start = self._allocate(req)
@@ -230,6 +235,17 @@ class Engine:
             self.slots[slot] = req
             admitted.append((slot, start))
         return admitted
+
+    def _prefix_in_flight(self, req: _Request, admitted) -> bool:
+        """True if a request admitted this step computes at least a page of `req`'s
+        prompt that the radix tree does not hold yet."""
+        ps = self.tables.page_size
+        cached = self.radix.match_prefix(req.tokens[:-1], record_stats=False).length
+        for slot, _ in admitted:
+            shared = _common_prefix_len(req.tokens[:-1], self.slots[slot].tokens)
+            if shared // ps * ps > cached:
+                return True
+        return False
 
     def _allocate(self, req: _Request) -> int | None:
         """Pages for a request's tokens, reusing a radix-cached prefix; None if none free."""
@@ -322,8 +338,8 @@ class Engine:
                 for i in busy:
                     lengths[i] = starts.get(i, self.slots[i].written)
             self.cache = set_page_tables(self.cache, table, lengths)
-        tok, self.cache = self._forward(self.state, self.cache, reset, tokens, positions, segs,
-                                        last, seeds, steps, temp, top_k, top_p)
+        tok, self.cache = self._forward(self.graphdef, self.state, self.cache, reset, tokens,
+                                        positions, segs, last, seeds, steps, temp, top_k, top_p)
         return np.asarray(tok)
 
     def _append(self, slot: int, token: int) -> bool:
@@ -399,3 +415,12 @@ class Engine:
             k, v = copy_pages(layer.k_pages, layer.v_pages, copies)
             layers.append(layer.replace(k_pages=k, v_pages=v))
         self.cache = tuple(layers)
+
+
+def _common_prefix_len(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

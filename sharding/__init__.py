@@ -13,11 +13,30 @@ state.py   shardings of parameters / optimizer state / batches; models created s
 expert.py  expert parallelism: all_to_all dispatch inside shard_map (capacity and dropless)
 """
 from sharding.mesh import MESH_AXES, make_mesh, mesh_shape
-from sharding.rules import (PRESETS, Rules, activate, active_mesh, active_rules, check_model_config,
-                            check_rules, constrain, logical_to_spec, make_rules, rules_for_mesh)
-from sharding.state import (batch_sharding, batch_spec, bytes_per_device, create_sharded,
-                            create_sharded_model, shard_batch, shard_state, state_shardings,
-                            variable_spec)
+from sharding.rules import (
+                            PRESETS,
+                            Rules,
+                            activate,
+                            active_mesh,
+                            active_rules,
+                            check_model_config,
+                            check_rules,
+                            constrain,
+                            logical_to_spec,
+                            make_rules,
+                            rules_for_mesh,
+)
+from sharding.state import (
+                            batch_sharding,
+                            batch_spec,
+                            bytes_per_device,
+                            create_sharded,
+                            create_sharded_model,
+                            shard_batch,
+                            shard_state,
+                            state_shardings,
+                            variable_spec,
+)
 
 __all__ = [
     "MESH_AXES", "PRESETS", "Rules", "activate", "active_mesh", "active_rules", "batch_sharding",

@@ -53,10 +53,16 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from arch.moe_dispatch import (ExpertWeights, capacity_slots, combine, expert_ffn_buffered,
-                               expert_ffn_grouped)
+from arch.moe_dispatch import (
+    ExpertWeights,
+    capacity_slots,
+    combine,
+    expert_ffn_buffered,
+    expert_ffn_grouped,
+)
 from arch.moe_dispatch import capacity_moe as _capacity_moe_local
 from arch.moe_dispatch import dropless_moe as _dropless_moe_local
 from sharding.mesh import axis_size

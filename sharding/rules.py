@@ -41,7 +41,8 @@ import re
 from typing import Iterator, Sequence
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import MESH_AXES, axis_size
 
@@ -185,7 +186,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
         spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     f = axis_size(mesh, "fsdp")
     if kind == "params" and rules.fsdp_fallback and f > 1 and "fsdp" not in used:
-        free = [d for d, (name, size) in enumerate(zip(logical_axes, shape))
+        free = [d for d, (name, size) in enumerate(zip(logical_axes, shape, strict=True))
                 if spec[d] is None and name != "layers" and size % f == 0]
         if free:
             spec[max(free, key=lambda d: shape[d])] = "fsdp"

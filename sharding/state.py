@@ -22,7 +22,8 @@ from typing import Callable
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sharding.rules import Rules, check_model_config, logical_to_spec, rules_for_mesh
 
@@ -135,6 +136,6 @@ def bytes_per_device(tree) -> int:
         itemsize = np.dtype(x.dtype).itemsize
         sharding = x.sharding
         for device, index in sharding.devices_indices_map(x.shape).items():
-            shard = [len(range(*s.indices(n))) for s, n in zip(index, x.shape)]
+            shard = [len(range(*s.indices(n))) for s, n in zip(index, x.shape, strict=True)]
             per_device[device] = per_device.get(device, 0) + math.prod(shard) * itemsize
     return max(per_device.values(), default=0)

@@ -60,9 +60,9 @@ def check_config(cfg, *, num_devices: int | None = None) -> None:
     check_train_config(cfg)
     data.check_data_config(cfg.data)
     m = cfg.model
-    if m.kind == "encoder_decoder":
-        raise ValueError("model.kind='encoder_decoder' is not trained by train.py (it needs "
-                         "encoder inputs); allowed: ('decoder', 'encoder')")
+    if m.kind != "decoder" or not m.causal:
+        raise ValueError(f"model.kind={m.kind!r}, model.causal={m.causal}: train.py trains "
+                         "next-token prediction, which needs kind='decoder' and causal=True")
     if cfg.data.seq_len > m.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} must be <= "
                          f"model.max_seq_len={m.max_seq_len}")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from arch.common import logical_param
@@ -253,9 +253,15 @@ def test_per_head_orthogonalises_each_head():
         chex.assert_trees_all_close(u["q"][:, i, :], want, atol=1e-5)
 
 
-def test_sharded_muon_equals_unsharded():
-    """FSDP: parameters sharded over 8 devices; jit lets XLA gather what Newton-Schulz needs."""
-    mesh = jax.make_mesh((8,), ("fsdp",))
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_sharded_muon_equals_unsharded(axis_type):
+    """FSDP: parameters sharded over 8 devices; jit lets XLA gather what Newton-Schulz needs.
+
+    Explicit axes (jax.make_mesh's default) go through `auto_sharded`; auto axes (what
+    sharding/mesh.py builds) straight to XLA's propagation.
+    """
+    kind = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}[axis_type]
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
     params = nnx.State({
         "w": logical_param(jnp.zeros((64, 32)), ("embed", "mlp")),
         "q": logical_param(jnp.zeros((32, 2, 8)), ("embed", "heads", "head_dim")),
@@ -274,5 +280,6 @@ def test_sharded_muon_equals_unsharded():
     for g in grads:
         u, s = step(p, s, put(g))
         p = jax.tree.map(lambda a, b: a + b, p, u)
-    assert p["w"].sharding.spec == P("fsdp", None)
+    if axis_type == "explicit":
+        assert p["w"].sharding.spec == P("fsdp", None)
     chex.assert_trees_all_close(dict(p), dict(want), atol=1e-6, rtol=1e-5)

@@ -6,13 +6,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import sharding
 from configs import deepseek_v3, llama3
 from sharding.mesh import make_mesh
-from sharding.rules import (check_model_config, constrain, logical_to_spec, make_rules,
-                            rules_for_mesh)
+from sharding.rules import (
+    check_model_config,
+    constrain,
+    logical_to_spec,
+    make_rules,
+    rules_for_mesh,
+)
 
 
 def spec(axes, shape, mesh_cfg, preset, kind="params"):

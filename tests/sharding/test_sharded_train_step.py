@@ -1,8 +1,8 @@
 """A jitted train step (loss + grads + an optax update) under every sharding preset equals
 the single-device step (f32, 1e-5 relative), on 8 emulated CPU devices.
 
-The MoE layer reaches expert parallelism through `sharding.expert`'s dispatch functions;
-until arch/moe.py imports them itself, the `ep_hook` fixture makes that one-line swap.
+The MoE layer reaches expert parallelism through `sharding.expert`'s dispatch functions,
+which engage inside `sharding.activate(mesh, rules)`.
 """
 import re
 
@@ -13,11 +13,9 @@ import optax
 import pytest
 from flax import nnx
 
-import arch.moe
 import sharding
 from arch import build_model
 from configs import deepseek_v3, llama3
-from sharding import expert
 
 MESHES = {  # preset -> mesh over 8 devices
     "dp": {"data": 8},
@@ -26,12 +24,6 @@ MESHES = {  # preset -> mesh over 8 devices
     "fsdp_ep": {"fsdp": 4, "expert": 2},
     "fsdp_tp_ep": {"fsdp": 2, "tensor": 2, "expert": 2},
 }
-
-
-@pytest.fixture
-def ep_hook(monkeypatch):
-    monkeypatch.setattr(arch.moe, "dropless_moe", expert.dropless_moe)
-    monkeypatch.setattr(arch.moe, "capacity_moe", expert.capacity_moe)
 
 
 def small(family, dispatch="dropless"):
@@ -80,7 +72,7 @@ def run(cfg, preset):
         compiled = fn.lower(params, opt_state, graphdef, rest, tokens).compile()
         out = fn(params, opt_state, graphdef, rest, tokens)
     # Gradients and new parameters keep the parameters' shardings.
-    for g, s in zip(jax.tree.leaves(out[1]), jax.tree.leaves(p_sh)):
+    for g, s in zip(jax.tree.leaves(out[1]), jax.tree.leaves(p_sh), strict=True):
         assert g.sharding.is_equivalent_to(s, g.ndim)
     return out[:3], compiled.as_text()
 
@@ -88,10 +80,10 @@ def run(cfg, preset):
 def assert_same(got, ref):
     (loss, grads, new), (rloss, rgrads, rnew) = got, ref
     np.testing.assert_allclose(float(loss), float(rloss), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(rgrads)):   # per-array relative
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(rgrads), strict=True):   # per-array relative
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max() + 1e-12
-    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(rnew)):
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(rnew), strict=True):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
@@ -111,7 +103,7 @@ def test_llama_fsdp_step_equals_single_device_and_gathers_weights():
     assert "reduce-scatter" in hlo or "all-reduce" in hlo   # gradients summed over fsdp
 
 
-def test_deepseek_fsdp_tp_ep_step_equals_single_device_with_all_to_all(ep_hook):
+def test_deepseek_fsdp_tp_ep_step_equals_single_device_with_all_to_all():
     cfg = small("deepseek_v3")
     got, hlo = run(cfg, "fsdp_tp_ep")
     assert_same(got, run(cfg, None)[0])
@@ -122,7 +114,7 @@ def test_deepseek_fsdp_tp_ep_step_equals_single_device_with_all_to_all(ep_hook):
 @pytest.mark.parametrize("preset", list(MESHES))
 @pytest.mark.parametrize("family, dispatch", [("llama", None), ("deepseek_v3", "dropless"),
                                               ("deepseek_v3", "capacity")])
-def test_every_preset_equals_single_device(ep_hook, family, dispatch, preset):
+def test_every_preset_equals_single_device(family, dispatch, preset):
     cfg = small(family, dispatch or "dropless")
     got, hlo = run(cfg, preset)
     assert_same(got, run(cfg, None)[0])

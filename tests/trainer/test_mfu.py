@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from configs.base import model_defaults
+from configs.gpt2 import get_config as gpt2_config
 from configs.llama3 import get_config
 from trainer.mfu import flops_per_token, matmul_params, mean_context, mfu, peak_flops
 
@@ -12,12 +13,7 @@ GPT2_NON_EMBEDDING = 123_653_376
 
 
 def gpt2_small():
-    m = model_defaults()
-    m.update(family="gpt2", vocab_size=50257, d_model=768, num_layers=12, num_heads=12,
-             num_kv_heads=12, head_dim=64, mlp_dim=3072, max_seq_len=1024, norm="layernorm",
-             norm_bias=True, activation="gelu_tanh", mlp_bias=True, attn_bias=True,
-             attn_out_bias=True, position_embedding="learned", tie_embeddings=True)
-    return m
+    return gpt2_config("full").model        # configs/gpt2.py: 124M, seq 1024
 
 
 def test_gpt2_small_matches_nanogpt_estimate_mfu():

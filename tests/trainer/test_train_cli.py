@@ -96,3 +96,14 @@ def test_sigterm_stops_at_a_step_boundary_with_a_restorable_checkpoint(corpus, t
     assert int(restored["optimizer"]["step"][...]) == last_step
     fresh = np.asarray(state["model"]["embed"]["embedding"][...])
     assert not np.allclose(np.asarray(restored["model"]["embed"]["embedding"][...]), fresh)
+
+
+def test_stop_on_signal_records_and_restores_handlers():
+    from trainer.signals import StopOnSignal
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)      # handled: the test process lives on
+        time.sleep(0.01)
+        assert stop.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -1,7 +1,6 @@
 """train_and_evaluate end to end: exact resume, loader stream, broken checkpoints, bad input."""
 import os
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -168,6 +167,7 @@ def _binary_dir(tmp_path):
     ("mesh", "mesh.fsdp"),
     ("steps", "train.steps"),
     ("heads", "model.num_heads"),
+    ("encoder", "kind='decoder'"),
 ])
 def test_bad_input_fails_before_compute_and_leaves_workdir(case, field, corpus, tmp_path,
                                                            guarded_workdir):
@@ -192,6 +192,8 @@ def test_bad_input_fails_before_compute_and_leaves_workdir(case, field, corpus, 
         cfg.train.steps = 0
     elif case == "heads":
         cfg.model.num_kv_heads = 3                          # 2 heads
+    elif case == "encoder":
+        cfg.model.update(kind="encoder", causal=False)      # would see the tokens it predicts
     with pytest.raises(ValueError, match=field):
         train_and_evaluate(cfg, guarded_workdir, progress=False)
 
@@ -199,6 +201,6 @@ def test_bad_input_fails_before_compute_and_leaves_workdir(case, field, corpus, 
 def test_no_workdir_is_created_on_error(corpus, tmp_path):
     cfg = tiny_config(corpus)
     cfg.data.seq_len = 1000
-    with warnings.catch_warnings(), pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(ValueError, match="max_seq_len"):
         train_and_evaluate(cfg, str(tmp_path / "new"), progress=False)
     assert not (tmp_path / "new").exists()

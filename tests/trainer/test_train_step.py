@@ -27,8 +27,9 @@ def np_loss(logits, targets, mask, z):
 
 
 def small_model_config(**model):
+    """One layer unless asked (compile time grows with unrolled layers)."""
     cfg = get_config("tiny")
-    cfg.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    cfg.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
                      mlp_dim=64, max_seq_len=32, vocab_size=64)
     cfg.model.update(model)
     cfg.train.z_loss = Z
@@ -69,6 +70,7 @@ def test_z_loss_gradient_pulls_the_normaliser_to_zero():
     # d/dx z*lse^2 = 2 z lse softmax(x): check the formula's gradient numerically.
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 3, 7)), jnp.float32)
 
+    @jax.jit
     def zterm(x):
         return token_loss_sums(x, jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 3)))["z_sum"]
     jax.test_util.check_grads(zterm, (x,), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
@@ -129,7 +131,7 @@ def test_moe_aux_losses_enter_the_loss_and_bias_update_runs():
     moe = moe_defaults()
     moe.update(num_experts=4, top_k=2, expert_mlp_dim=16, aux_loss_coef=0.01, z_loss_coef=0.001,
                bias_update_rate=0.05, dispatch="dense")
-    cfg = small_model_config(moe=moe)
+    cfg = small_model_config(moe=moe, num_layers=2)
     batch = jax.tree.map(jnp.asarray, random_batch(3))
     model = arch.build_model(cfg.model, nnx.Rngs(params=0))
     logits, aux = run(model, batch)
