@@ -1,6 +1,6 @@
 """Benchmark: several GPUs of one host — ring attention, expert parallelism, FSDP scaling.
 
-    PYTHONPATH=. python bench/multi_gpu.py --out bench/results/multi_gpu.md   # all GPUs (2x H200: ~6 min)
+    PYTHONPATH=. python bench/multi_gpu.py --out bench/results/multi_gpu.md   # all GPUs, sized for ~7 min on 2
     PYTHONPATH=. python bench/multi_gpu.py --skip-ep --skip-fsdp --seqs 32k,512k
     PYTHONPATH=. python bench/multi_gpu.py --quick --cpu-devices=4             # tiny sizes, emulated CPU devices
 
@@ -34,8 +34,10 @@ N = the number of devices used (`--devices`, default all of them).
 Llama's layers are scanned (`--no-scan`: a list): compiles fast, and a collective in the
 scanned layer body appears ONCE in the HLO counts although it runs once per layer.
 DeepSeek's are a list (`nnx.scan` needs identical layers; its first layer is dense), 4
-by default (`--ep-layers`) to compile fast: 1 dense + 3 MoE. Times: median of `--reps` (steps) after warm-up,
-each ended by `block_until_ready`. Out-of-memory rows read "OOM".
+by default (`--ep-layers`) to compile fast: 1 dense + 3 MoE.
+
+Times: median of `--reps` calls (steps) after `--warmup` calls, each ended by
+`block_until_ready`. Out-of-memory rows read "OOM" and the run goes on.
 """
 from __future__ import annotations
 
@@ -344,8 +346,9 @@ def expert_parallel_dispatch():
 def train_throughput(cfg, mesh, rules, *, batch: int, seq: int, warmup: int, reps: int) -> dict:
     """Median seconds per `trainer.step.train_step` on `mesh` and its compiled HLO's collectives.
 
-    Model and AdamW state are created sharded by their logical axes (sharding.create_sharded);
-    the batch is random tokens split over the rules' batch axes.
+    Model and AdamW state are created sharded by their logical axes (sharding.create_sharded:
+    no device holds a whole unsharded copy); the batch is random tokens split over the
+    rules' batch axes.
     """
     sharding.check_model_config(cfg.model, mesh, rules)
 
@@ -392,14 +395,17 @@ def _train_row(cfg, mesh_cfg, devices, preset, args, batch_per_device, seq) -> d
     return row
 
 
-def ep_section(args, devices) -> dict:
+def ep_section(args, devices, device_counts=None) -> dict:
+    """EP train step on the first k devices, k in `device_counts` (default 1, 2, 4, .., N)."""
     cfg = deepseek_v3.get_config("tiny" if args.quick else "small")
     cfg.model.update(num_layers=args.ep_layers, scan_layers=False, remat=args.remat)
+    moe = cfg.model.moe  # keep at least one MoE layer
+    moe.first_k_dense = min(moe.first_k_dense, args.ep_layers - 1)
     if args.ep_dispatch == "capacity":
         cfg.model.moe.update(dispatch="capacity", capacity_factor=1.25)
     seq = min(args.ep_seq, cfg.model.max_seq_len)
     rows = [_train_row(cfg, {"expert": k}, devices[:k], None, args, args.ep_batch, seq)
-            for k in powers_of_two(len(devices))]
+            for k in device_counts or powers_of_two(len(devices))]
     m = cfg.model
     table = Table(
         f"Expert parallelism: DeepSeek-V3-style MoE train step ({m.num_layers} layers, d_model "
@@ -413,22 +419,23 @@ def ep_section(args, devices) -> dict:
     for r in rows:
         c = r["collectives"]
         table.rows.append([r["devices"], r["mesh"], r["rules"], f"{r['batch']}x{r['seq']}",
-                           _ms(r["step_s"]), _num(r["tokens_per_s"]),
-                           _num(r["tokens_per_s_per_device"]), format_mfu(r["mfu"]),
+                           _ms(r["step_s"]), _num(r["tokens_per_s"], "{:,.0f}"),
+                           _num(r["tokens_per_s_per_device"], "{:,.0f}"), format_mfu(r["mfu"]),
                            "OOM" if c is None else c["all-to-all"],
                            "OOM" if c is None else ", ".join(f"{k} {v}" for k, v in c.items()
                                                               if k != "all-to-all" and v)])
     return {"rows": rows, "tables": [table]}
 
 
-def fsdp_section(args, devices) -> dict:
+def fsdp_section(args, devices, device_counts=None) -> dict:
+    """FSDP train step on the first k devices, k in `device_counts` (default 1, 2, 4, .., N)."""
     cfg = llama3.get_config("tiny" if args.quick else "small")
     cfg.model.update(scan_layers=args.scan, remat=args.remat)
     if args.fsdp_layers:
         cfg.model.num_layers = args.fsdp_layers
     seq = min(args.fsdp_seq, cfg.model.max_seq_len)
     rows = [_train_row(cfg, {"fsdp": k}, devices[:k], "fsdp", args, args.fsdp_batch, seq)
-            for k in powers_of_two(len(devices))]
+            for k in device_counts or powers_of_two(len(devices))]
     m = cfg.model
     total, _ = arch.count_params(m)
     table = Table(
@@ -443,7 +450,7 @@ def fsdp_section(args, devices) -> dict:
     for r in rows:
         c, t = r["collectives"], r["tokens_per_s_per_device"]
         table.rows.append([r["devices"], r["mesh"], f"{r['batch']}x{r['seq']}", _ms(r["step_s"]),
-                           _num(r["tokens_per_s"]), _num(t),
+                           _num(r["tokens_per_s"], "{:,.0f}"), _num(t, "{:,.0f}"),
                            "OOM" if t is None or not base else f"{t / base:.2f}",
                            format_mfu(r["mfu"])]
                           + ["OOM" if c is None else c[name]
@@ -488,7 +495,7 @@ def parse_args(argv=None):
                     heads=2 if q else 16, head_dim=16 if q else 128,
                     dtype="float32" if q else "bfloat16", ep_batch=2 if q else 4,
                     ep_seq=32 if q else 2048, fsdp_batch=2 if q else 4, fsdp_seq=32 if q else 4096,
-                    ep_layers=2 if q else 4, fsdp_layers=2 if q else None)
+                    ep_layers=1 if q else 4, fsdp_layers=1 if q else None)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -501,6 +508,9 @@ def parse_args(argv=None):
 
 def check_args(args, n: int) -> None:
     """ValueError naming the flag, before any compute."""
+    if args.cpu_devices is not None and jax.device_count() != args.cpu_devices:
+        raise ValueError(f"--cpu-devices={args.cpu_devices} had no effect ({jax.device_count()} "
+                         "devices): pass it as --cpu-devices=K to the script, read before jax starts")
     if not 1 <= n <= jax.device_count():
         raise ValueError(f"--devices={n} must be between 1 and the {jax.device_count()} devices")
     bad = [s for s in args.seqs if s < n or s % n]

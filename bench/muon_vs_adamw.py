@@ -185,7 +185,7 @@ def write_report(args, cfg, n_params, runs, best, timing, out_md):
         "![validation loss](muon_vs_adamw.png)",
         "",
         "Caveats: one seed, one small model, a short run; lr sweeps of "
-        f"{len(args.adamw_lrs.split(','))} (AdamW) and {len(args.muon_lrs.split(','))} (Muon) points, "
+        f"{len(args.adamw_lrs.split(','))} (AdamW) and {len(args.muon_lrs.split(','))} (Muon) points. "
         "The direction of the result is what this "
         "checks, not the size of the gain at scale.",
     ]

@@ -61,8 +61,8 @@ from flax import struct
 import pallas_kernels
 from arch.attention import layer_kind
 from arch.common import check_choice, dtype_of
-from pallas_kernels.paged_attention import gather_pages
 from pallas_kernels.paged_attention import IMPLS as PAGED_IMPLS
+from pallas_kernels.paged_attention import gather_pages
 from serving.paged import write_kv
 
 KINDS = ("dense", "rolling", "paged")

@@ -47,7 +47,7 @@ from flax import nnx
 from serving.cache import init_cache, reset_rows, set_page_tables
 from serving.paged import BlockTables, PagePool, PoolExhausted, copy_pages
 from serving.radix import RadixCache
-from serving.sampling import SamplingParams, sample_tokens, request_keys
+from serving.sampling import SamplingParams, request_keys, sample_tokens
 
 CACHE_KINDS = ("dense", "rolling", "paged")
 
@@ -84,13 +84,19 @@ class EngineStats:
 
 def _forward(graphdef, state, cache, reset, tokens, positions, segment_ids, last, seeds, steps,
              temperature, top_k, top_p):
-    """One model call on every slot, then sample each row at its `last` index."""
+    """One model call on every slot, then sample each row at its `last` index.
+
+    The steps of `Transformer.__call__`, but the output head runs on one position per
+    row: a prefill needs no [B, T, vocab] logits.
+    """
     model = nnx.merge(graphdef, state)
     cache = reset_rows(cache, reset)
-    logits, aux = model(tokens, positions, segment_ids, cache=cache)        # [B, T, V]
-    logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
+    x = model.embed_tokens(tokens, positions)                                 # [B, T, D]
+    x, layer_aux = model.stack(x, positions=positions, segment_ids=segment_ids, cache=cache)
+    x = jnp.take_along_axis(x, last[:, None, None], axis=1)                  # [B, 1, D]
+    logits = model.head(x)[:, 0]                                              # [B, V]
     tok = sample_tokens(logits, request_keys(seeds, steps), temperature, top_k, top_p)
-    return tok, aux["cache"]
+    return tok, tuple(a["cache"] for a in layer_aux)
 
 
 # Module-level, keyed by the model's graphdef: engines over one model share compilations.
@@ -278,7 +284,7 @@ class Engine:
         segs = np.zeros((b, t), np.int32)
         last = np.zeros((b,), np.int32)
         reset = np.zeros((b,), bool)
-        for (slot, start), n in zip(admitted, lengths):
+        for (slot, start), n in zip(admitted, lengths, strict=True):
             tokens[slot, :n] = self.slots[slot].tokens[start:]
             positions[slot, :n] = np.arange(start, start + n)
             segs[slot, :n] = 1
@@ -315,7 +321,7 @@ class Engine:
         tok = self._call(tokens, positions, segs, np.zeros((b,), np.int32), np.zeros((b,), bool), starts)
         self.stats.decode_tokens += len(rows)
         rids = [self.slots[i].rid for i in rows]
-        return [rid for i, rid in zip(rows, rids) if self._append(i, int(tok[i]))]
+        return [rid for i, rid in zip(rows, rids, strict=True) if self._append(i, int(tok[i]))]
 
     def _call(self, tokens, positions, segs, last, reset, starts):
         """Run the jitted forward; `starts` maps busy slots to their cache length before."""
@@ -419,7 +425,7 @@ class Engine:
 
 def _common_prefix_len(a, b) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # stop at the shorter
         if x != y:
             break
         n += 1

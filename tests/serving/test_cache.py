@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import bert
 from arch import build_model
 from arch.attention import Attention
 from arch.mla import MLAttention
 from arch.model import freeze
+from configs import bert
 from pallas_kernels.flash_attention.reference import mha_reference
-from serving.cache import (DenseKV, PagedKV, RollingKV, init_cache, reset_rows,
-                           set_page_tables)
+from serving.cache import DenseKV, PagedKV, RollingKV, init_cache, reset_rows, set_page_tables
 
 WINDOW = 4  # sliding window and chunk size in the shrunk configs: decoding crosses several
 SHRINK = dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
@@ -55,11 +54,18 @@ def tiny_model_config(family: str):
     return freeze(cfg)  # hashable: layers built from it go through jit as static data
 
 
+# Paged cases that exercise a distinct path (GQA kernel decode, window, chunks, MLA latent)
+# run always; the other families' paged cases repeat those paths and run with `-m slow`.
+PAGED_FAST = ("llama3", "mistral", "llama4", "deepseek_v3")
+
+
 def kinds_for(family):
     return ["dense", "paged"] + (["rolling"] if family in WINDOWED else [])
 
 
-CASES = [(f, k) for f in FAMILY_OVERRIDES for k in kinds_for(f)]
+CASES = [pytest.param(f, k, id=f"{f}-{k}",
+                      marks=[pytest.mark.slow] if k == "paged" and f not in PAGED_FAST else [])
+         for f in FAMILY_OVERRIDES for k in kinds_for(f)]
 PROMPT_LENS = (5, 3)  # a ragged batch: row 1 is right-padded
 NEW_TOKENS = 7
 
@@ -117,7 +123,7 @@ def prompts_for(cfg):
     return prompt, seg
 
 
-@pytest.mark.parametrize("family,kind", CASES, ids=[f"{f}-{k}" for f, k in CASES])
+@pytest.mark.parametrize("family,kind", CASES)
 def test_greedy_decode_matches_full_forward(family, kind):
     cfg, model = family_model(family)
     prompt, seg = prompts_for(cfg)

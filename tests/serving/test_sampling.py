@@ -5,9 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from serving.sampling import (SamplingParams, filter_logits, request_keys, sample_tokens,
-                              top_k_filter, top_p_filter)
-
+from serving.sampling import (
+    SamplingParams,
+    filter_logits,
+    request_keys,
+    sample_tokens,
+    top_k_filter,
+    top_p_filter,
+)
 
 _sample = jax.jit(sample_tokens)
 
@@ -49,7 +54,7 @@ def test_top_k_matches_numpy():
     logits = random_logits()
     ks = np.array([0, 1, 3, 4, 11, 20])
     got = np.asarray(top_k_filter(jnp.asarray(logits), jnp.asarray(ks)))
-    want = np.stack([np_top_k(r, k) for r, k in zip(logits, ks)])
+    want = np.stack([np_top_k(r, k) for r, k in zip(logits, ks, strict=True)])
     np.testing.assert_array_equal(got, want)
 
 
@@ -57,7 +62,7 @@ def test_top_p_matches_numpy():
     logits = random_logits(rows=8)
     ps = np.array([1.0, 0.05, 0.3, 0.5, 0.7, 0.9, 0.99, 0.6], np.float32)
     got = np.asarray(top_p_filter(jnp.asarray(logits), jnp.asarray(ps)))
-    want = np.stack([np_top_p(r, p) for r, p in zip(logits, ps)])
+    want = np.stack([np_top_p(r, p) for r, p in zip(logits, ps, strict=True)])
     np.testing.assert_array_equal(got, want)
 
 
@@ -68,7 +73,7 @@ def test_temperature_then_top_k_then_top_p():
     p = np.array([0.8, 0.6, 1.0, 0.5], np.float32)
     got = np.asarray(filter_logits(jnp.asarray(logits), jnp.asarray(t), jnp.asarray(k), jnp.asarray(p)))
     want = np.stack([np_top_p(np_top_k(r / (ti if ti > 0 else 1.0), ki), pi)
-                     for r, ti, ki, pi in zip(logits, t, k, p)])
+                     for r, ti, ki, pi in zip(logits, t, k, p, strict=True)])
     chex.assert_trees_all_close(got, want, rtol=1e-6)
 
 
