@@ -40,9 +40,10 @@ from tqdm.auto import tqdm
 import arch
 import data
 import optim
+import sharding
 from trainer.checkpoint import Checkpointer, abstract_like, train_state
 from trainer.config import ConfigError, check_config
-from trainer.mesh import make_mesh_from_config, shard_batch, shard_state, state_shardings
+from trainer.mesh import device_batch, setup
 from trainer.metrics import MetricsWriter, plot_losses, read_metrics
 from trainer.mfu import flops_per_token, format_mfu, mfu
 from trainer.sample import generate
@@ -50,12 +51,12 @@ from trainer.signals import StopOnSignal
 from trainer.step import StepOptions, eval_step, train_step
 
 
-def evaluate(model, ds, mesh, num_batches: int) -> dict:
+def evaluate(model, ds, mesh, rules, num_batches: int) -> dict:
     """Validation loss (nats/token), perplexity and bits per byte over `num_batches`."""
     ce_sum = tokens = 0.0
     for batch in ds.eval_batches(num_batches, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
-        out = jax.device_get(eval_step(model, shard_batch(batch, mesh)))
+        out = jax.device_get(eval_step(model, device_batch(batch, mesh, rules)))
         ce_sum += float(out["ce_sum"])
         tokens += float(out["tokens"])
     loss = ce_sum / max(tokens, 1.0)
@@ -90,11 +91,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     """
     cfg, t = config, config.train
     ds = load_and_check(cfg)                     # nothing computed or written before this
-    mesh = make_mesh_from_config(cfg.mesh)
+    mesh, rules = setup(cfg)
     model = arch.build_model(cfg.model, nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
     tx = optim.build_optimizer(cfg.optim, nnx.state(model, nnx.Param), total_steps=t.steps)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    shard_state(model, optimizer, mesh=mesh)     # sharding.shard_state slots in here
+    sharding.shard_state(model, optimizer, mesh=mesh, rules=rules)
     opts = StepOptions.from_config(cfg)
     loader = ds.train_loader(seed=cfg.seed, process_index=jax.process_index(),
                              process_count=jax.process_count())
@@ -108,7 +109,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
 
     start = 0
     state = train_state(model, optimizer, rng)
-    found = ckpt.restore_latest(abstract_like(state, state_shardings(state, mesh)))
+    found = ckpt.restore_latest(abstract_like(state, sharding.state_shardings(state, mesh, rules)))
     if found is not None:
         start, restored, loader_state = found
         nnx.update(model, restored["model"])
@@ -142,9 +143,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     timer_steps, timer = 0, None
     step, stopped = start, False
     try:
-        with StopOnSignal() as stop:
+        with StopOnSignal() as stop, sharding.activate(mesh, rules):
             for step in range(start + 1, t.steps + 1):
-                batch = shard_batch(next(loader), mesh)
+                batch = device_batch(next(loader), mesh, rules)
                 pending.append(train_step(model, optimizer, batch, opts=opts))
                 if timer is None:  # the first step compiles: time from its end
                     jax.block_until_ready(pending[-1])
@@ -170,7 +171,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                     timer, timer_steps = time.perf_counter(), 0
                 bar.update(1)
                 if t.eval_every and step % t.eval_every == 0 and not done:
-                    ev = evaluate(model, ds, mesh, t.eval_batches)
+                    ev = evaluate(model, ds, mesh, rules, t.eval_batches)
                     log(step, "eval", ev)
                     bar.write(f"step {step}: validation loss {ev['loss']:.4f}, "
                               f"bits/byte {_fmt(ev['bits_per_byte'])}")
@@ -191,7 +192,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     if stopped:
         print(f"stopped at step {step}: checkpoint saved in {ckpt.directory}")
     else:
-        ev = evaluate(model, ds, mesh, t.eval_batches)
+        with sharding.activate(mesh, rules):
+            ev = evaluate(model, ds, mesh, rules, t.eval_batches)
         log(step, "eval", ev)
         result.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"],
                       val_bits_per_byte=ev["bits_per_byte"])

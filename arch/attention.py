@@ -108,6 +108,8 @@ class Attention(nnx.Module):
         cfg = self.cfg
         if cache is not None and self.cross:
             raise ValueError("cache must be None for cross-attention (only self-attention is cached)")
+        if cache is not None and not hasattr(cache, "attend"):
+            raise ValueError(f"cache must be None or a layer cache of serving/cache.py, got {type(cache)}")
         kv_x = x if kv_input is None else kv_input
         q = self._norm_heads(self.q_norm, self.q(x))      # [B, T, H, Dh]
         k = self._norm_heads(self.k_norm, self.k(kv_x))   # [B, S, Hkv, Dh]

@@ -342,6 +342,8 @@ class MLAttention(nnx.Module):
         attention layer does; `positions` only drive RoPE (with a cache, masks compare
         the positions of queries and cached keys).
         """
+        if cache is not None and not hasattr(cache, "attend"):
+            raise ValueError(f"cache must be None or a layer cache of serving/cache.py, got {type(cache)}")
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [batch, seq, d_model={self.d_model}], got {x.shape=}")
         if positions.shape != x.shape[:2]:

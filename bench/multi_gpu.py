@@ -42,7 +42,6 @@ Times: median of `--reps` calls (steps) after `--warmup` calls, each ended by
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import gc
@@ -69,7 +68,6 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import arch  # noqa: E402
-import arch.moe  # noqa: E402
 import optim  # noqa: E402
 import sharding  # noqa: E402
 from bench.plan import COLLECTIVES  # noqa: E402
@@ -90,7 +88,6 @@ from pallas_kernels.ring_attention.block import (  # noqa: E402
     block_is_live,
     resolve_impl,
 )
-from sharding import expert  # noqa: E402
 from trainer.mfu import flops_per_token, format_mfu, mfu  # noqa: E402
 from trainer.step import StepOptions, train_step  # noqa: E402
 
@@ -331,18 +328,6 @@ def ring_tables(rows, checks, args, n, impl) -> list[Table]:
 
 
 # ----------------------------------------------------------------------------- (2), (3) train steps
-@contextlib.contextmanager
-def expert_parallel_dispatch():
-    """arch.moe dispatches through sharding/expert.py (all_to_all under an expert mesh): the
-    swap bench/plan.py and the sharding tests make while arch/moe.py imports the local one."""
-    saved = arch.moe.dropless_moe, arch.moe.capacity_moe
-    arch.moe.dropless_moe, arch.moe.capacity_moe = expert.dropless_moe, expert.capacity_moe
-    try:
-        yield
-    finally:
-        arch.moe.dropless_moe, arch.moe.capacity_moe = saved
-
-
 def train_throughput(cfg, mesh, rules, *, batch: int, seq: int, warmup: int, reps: int) -> dict:
     """Median seconds per `trainer.step.train_step` on `mesh` and its compiled HLO's collectives.
 
@@ -361,7 +346,7 @@ def train_throughput(cfg, mesh, rules, *, batch: int, seq: int, warmup: int, rep
     data = {k: np.asarray(x) for k, x in random_batch(batch, seq, cfg.model.vocab_size).items()}
     data = sharding.shard_batch(data, mesh, rules)
     opts = StepOptions.from_config(cfg)
-    with sharding.activate(mesh, rules), expert_parallel_dispatch():
+    with sharding.activate(mesh, rules):  # arch.moe dispatches through sharding.expert
         hlo = train_step.lower(model, optimizer, data, opts=opts).compile().as_text()
         for _ in range(warmup):
             jax.block_until_ready(train_step(model, optimizer, data, opts=opts))

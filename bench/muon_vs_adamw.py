@@ -187,7 +187,8 @@ def write_report(args, cfg, n_params, runs, best, timing, out_md):
         "Caveats: one seed, one small model, a short run; lr sweeps of "
         f"{len(args.adamw_lrs.split(','))} (AdamW) and {len(args.muon_lrs.split(','))} (Muon) points. "
         "The direction of the result is what this "
-        "checks, not the size of the gain at scale.",
+        "checks, not the size of the gain at scale. Moonlight's single lr also drives the AdamW "
+        "group (embedding, head, norms) of the Muon runs.",
     ]
     with open(out_md, "w") as f:
         f.write("\n".join(lines) + "\n")

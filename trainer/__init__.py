@@ -5,7 +5,7 @@
     checkpoint.py  orbax checkpoints: async, keep-N, skip broken ones, restore onto any mesh
     mfu.py         training FLOPs per token and device peaks
     metrics.py     metrics.jsonl, TensorBoard if installed, loss plot
-    mesh.py        data-parallel mesh from cfg.mesh (until sharding/ lands)
+    mesh.py        mesh and rules from cfg.mesh (sharding/), batches onto the mesh
     sample.py      text by recomputing the full forward pass
     config.py      every check of a training config, before any compute
     signals.py     stop at a step boundary on SIGTERM / SIGINT
@@ -14,7 +14,7 @@
 """
 from trainer.checkpoint import Checkpointer, CheckpointWarning, abstract_like
 from trainer.config import ConfigError, check_config
-from trainer.mesh import make_mesh_from_config, shard_batch, shard_state
+from trainer.mesh import device_batch, setup
 from trainer.metrics import MetricsWriter, plot_losses, read_metrics
 from trainer.mfu import flops_per_token, mfu, peak_flops
 from trainer.sample import generate
@@ -24,6 +24,6 @@ from trainer.step import StepOptions, eval_step, token_loss_sums, train_step
 __all__ = [
     "Checkpointer", "CheckpointWarning", "ConfigError", "MetricsWriter", "StepOptions",
     "StopOnSignal", "abstract_like", "check_config", "eval_step", "flops_per_token",
-    "generate", "make_mesh_from_config", "mfu", "peak_flops", "plot_losses", "read_metrics",
-    "shard_batch", "shard_state", "token_loss_sums", "train_step",
+    "device_batch", "generate", "mfu", "peak_flops", "plot_losses", "read_metrics",
+    "setup", "token_loss_sums", "train_step",
 ]

@@ -16,10 +16,12 @@ field, its value and what is allowed. No model is built: shapes come from
 """
 from __future__ import annotations
 
+import jax
+
 import arch
 import data
 import optim
-from trainer.mesh import check_mesh_config
+from trainer.mesh import check_parallel_config
 
 SECTIONS = ("model", "data", "optim", "train", "mesh")
 
@@ -73,11 +75,7 @@ def check_config(cfg, *, num_devices: int | None = None) -> None:
     # Builds the abstract model: runs every construction-time check of arch/.
     arch.count_params(m)
     optim.build_optimizer(cfg.optim, None, total_steps=cfg.train.steps)
-    mesh = check_mesh_config(cfg.mesh, num_devices)
-    micro = cfg.data.batch_size // cfg.train.grad_accum
-    if micro % mesh["data"]:
-        raise ValueError(f"data.batch_size / train.grad_accum = {micro} rows per microbatch "
-                         f"must be divisible by the {mesh['data']} data-parallel devices (mesh.data)")
+    check_parallel_config(cfg, None if num_devices is None else jax.devices()[:num_devices])
     tok = data.make_tokenizer(cfg.data.tokenizer, field="data.tokenizer")
     if tok.vocab_size > m.vocab_size:
         raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "

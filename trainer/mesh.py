@@ -1,78 +1,54 @@
-"""A data-parallel mesh from `cfg.mesh`, until `sharding/` provides the full one.
+"""How the trainer places work on devices: the mesh and rules of `sharding/`, and batches.
 
-The mesh has all five mesh axes of DESIGN.md (`data, fsdp, tensor, expert, sequence`),
-so specs written against it keep working when `sharding.mesh` takes over; for now
-every axis but `data` must be 1. Batches are split over `data` along their first
-axis; parameters and optimizer state are replicated (`shard_state`; sharding/ will
-replace it with logical-axis rules).
+    mesh, rules = setup(cfg)                       # sharding.make_mesh + rules_for_mesh
+    with sharding.activate(mesh, rules):           # trace and run the steps in here
+        batch = device_batch(host_batch, mesh, rules)
 
-    >>> from configs.base import get_base_config
-    >>> from trainer.mesh import make_mesh_from_config, shard_batch
-    >>> mesh = make_mesh_from_config(get_base_config().mesh)      # data = all devices
-    >>> # batch = shard_batch(numpy_batch, mesh)                  # [B, T] split over data
+The mesh axes of size > 1 pick the strategy (`sharding.rules_for_mesh`): data parallel,
+FSDP, tensor, expert and sequence parallelism. With `mesh.sequence > 1` the host batch
+is put in the striped layout first, so ring attention balances causal work; positions
+travel with the tokens, and the mean loss does not depend on the order.
 """
 from __future__ import annotations
 
+import math
+
 import jax
-import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
+import sharding
+from sharding import sequence as sequence_parallel
 
-
-def check_mesh_config(cfg, num_devices: int | None = None) -> dict[str, int]:
-    """`cfg.mesh` -> {axis: size} with -1 resolved; ValueError naming the field otherwise."""
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    sizes = dict(cfg)
-    unknown = sorted(set(sizes) - set(MESH_AXES))
-    if unknown:
-        raise ValueError(f"mesh has unknown axes {unknown}; the axes are {MESH_AXES}")
-    for axis in MESH_AXES:
-        v = sizes.setdefault(axis, 1)
-        if not isinstance(v, int) or not (v == -1 or v >= 1):
-            raise ValueError(f"mesh.{axis}={v!r} must be a positive int or -1 (all devices left)")
-        if axis != "data" and v != 1:
-            raise ValueError(f"mesh.{axis}={v} must be 1: this trainer is data-parallel only "
-                             "until sharding/ lands (use mesh.data)")
-    if sizes["data"] == -1:
-        sizes["data"] = num_devices
-    if sizes["data"] > num_devices:
-        raise ValueError(f"mesh.data={sizes['data']} exceeds the {num_devices} devices available")
-    return sizes
+SEQUENCE_LAYOUT = "striped"
 
 
-def make_mesh_from_config(cfg, devices=None) -> Mesh:
-    """A Mesh over the first `mesh.data` devices, shaped [data, 1, 1, 1, 1]."""
-    devices = jax.devices() if devices is None else list(devices)
-    sizes = check_mesh_config(cfg, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    return Mesh(np.asarray(devices[: sizes["data"]]).reshape(shape), MESH_AXES)
+def setup(cfg, devices=None):
+    """(mesh, rules) for `cfg.mesh`, checked against the model (heads, experts).
+
+    A mesh with every axis given (no -1) may use fewer devices than there are: the
+    first ones (`mesh.data=1` trains on one device of eight).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = dict(cfg.mesh)
+    if -1 not in sizes.values():
+        wanted = math.prod(v for v in sizes.values() if isinstance(v, int) and v > 0)
+        if 0 < wanted < len(devices):
+            devices = devices[:wanted]
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    rules = sharding.rules_for_mesh(mesh)
+    sharding.check_model_config(cfg.model, mesh, rules)
+    return mesh, rules
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P("data"))
+def check_parallel_config(cfg, devices=None) -> None:
+    """ValueError naming the field when the mesh cannot split the model or the batch."""
+    mesh, rules = setup(cfg, devices)
+    micro = cfg.data.batch_size // cfg.train.grad_accum
+    sharding.batch_spec((micro, cfg.data.seq_len), mesh, rules)  # raises if it does not divide
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host numpy batch (this process's rows) -> global jax arrays split over `data`."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
-
-
-def state_shardings(tree, mesh: Mesh):
-    """Target sharding of every array of a state tree: replicated for now."""
-    return jax.tree.map(lambda _: replicated(mesh), tree)
-
-
-def shard_state(*nodes, mesh: Mesh) -> None:
-    """Place the state of nnx modules/optimizers on the mesh, in place (replicated)."""
-    for node in nodes:
-        state = nnx.state(node)
-        nnx.update(node, jax.device_put(state, state_shardings(state, mesh)))
+def device_batch(batch: dict, mesh, rules) -> dict:
+    """A host numpy batch -> global arrays on the mesh (striped first when sequence-parallel)."""
+    n = sharding.mesh_shape(dict(mesh.shape), mesh.size)["sequence"]
+    if n > 1:
+        batch = sequence_parallel.batch_to_layout(batch, n, SEQUENCE_LAYOUT)
+    return sharding.shard_batch(batch, mesh, rules)

@@ -164,7 +164,7 @@ def _binary_dir(tmp_path):
     ("optim_name", "optim.name"),
     ("lr", "optim.lr"),
     ("grad_accum", "train.grad_accum"),
-    ("mesh", "mesh.fsdp"),
+    ("mesh", "mesh.tensor"),
     ("steps", "train.steps"),
     ("heads", "model.num_heads"),
     ("encoder", "kind='decoder'"),
@@ -187,7 +187,7 @@ def test_bad_input_fails_before_compute_and_leaves_workdir(case, field, corpus, 
     elif case == "grad_accum":
         cfg.train.grad_accum = 3                            # batch 4
     elif case == "mesh":
-        cfg.mesh.fsdp = 2
+        cfg.mesh.tensor = 3                                 # 2 heads do not split 3 ways
     elif case == "steps":
         cfg.train.steps = 0
     elif case == "heads":
