@@ -115,8 +115,11 @@ def train_step(model, optimizer, batch: dict, *, opts: StepOptions) -> dict[str,
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     accum = opts.grad_accum
 
-    def loss_fn(p, mb):
-        logits, aux = forward(nnx.merge(graphdef, p, rest), mb)
+    def loss_fn(p, r, mb):
+        # Merge into fresh Variables (copy=True): reusing the outer ones (e.g. the MoE
+        # router biases, traced by jit, not by grad) makes nnx.scan refuse a module whose
+        # variables come from different trace levels.
+        logits, aux = forward(nnx.merge(graphdef, p, r, copy=True), mb)
         s = token_loss_sums(logits, mb["targets"], mb["loss_mask"])
         moe = (aux["moe_aux_loss"] + aux["moe_z_loss"]) / accum
         loss = (s["ce_sum"] + opts.z_loss * s["z_sum"]) / n_tokens + moe
@@ -131,18 +134,18 @@ def train_step(model, optimizer, batch: dict, *, opts: StepOptions) -> dict[str,
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-        (loss, stats), grads = grad_fn(params, batch)
+        (loss, stats), grads = grad_fn(params, rest, batch)
     else:
         micro = split_microbatches(batch, accum)
 
         def body(carry, mb):
-            (l, s), g = grad_fn(params, mb)
+            (l, s), g = grad_fn(params, rest, mb)
             lc, sc, gc = carry
             merged = {k: jnp.maximum(sc[k], s[k]) if k == "max_logits" else sc[k] + s[k] for k in s}
             return (lc + l, merged, jax.tree.map(jnp.add, gc, g)), None
 
         # Zero carry shaped like one microbatch's output (max_logits starts at -inf).
-        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+        shapes = jax.eval_shape(grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro))
         (_, stats0), grads0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         if "max_logits" in stats0:
             stats0["max_logits"] = jnp.full_like(stats0["max_logits"], -jnp.inf)

@@ -149,6 +149,33 @@ def test_moe_aux_losses_enter_the_loss_and_bias_update_runs():
     np.testing.assert_allclose(bias, want_bias, atol=1e-7)
 
 
+def test_scanned_moe_step_equals_the_layer_list():
+    """scan_layers=True with router biases (non-Param state inside nnx.scan) trains like
+    the layer list: same loss and the same bias update from the same parameters."""
+    moe = moe_defaults()
+    moe.update(num_experts=4, top_k=2, expert_mlp_dim=16, aux_loss_coef=0.01, bias_update_rate=0.05)
+    cfg = small_model_config(moe=moe, num_layers=2)
+    batch = jax.tree.map(jnp.asarray, random_batch(4))
+    listed = arch.build_model(cfg.model, nnx.Rngs(params=0))
+    cfg.model.scan_layers = True
+    scanned = arch.build_model(cfg.model, nnx.Rngs(params=1))
+    per_layer = [nnx.to_pure_dict(nnx.state(b)) for b in listed.stack.layers]
+    state = nnx.state(scanned.stack.layers)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer))
+    nnx.update(scanned.stack.layers, state)
+    for name in ("embed", "final_norm", "lm_head"):  # copies: the step donates its inputs
+        nnx.update(getattr(scanned, name), jax.tree.map(jnp.copy, nnx.state(getattr(listed, name))))
+    losses, biases = [], []
+    for model in (listed, scanned):
+        opt = nnx.Optimizer(model, optax.sgd(0.0), wrt=nnx.Param)
+        losses.append(float(train_step(model, opt, batch, opts=StepOptions.from_config(cfg))["loss"]))
+    biases = [np.stack([np.asarray(b.mlp.router_bias[...]) for b in listed.stack.layers]),
+              np.asarray(scanned.stack.layers.mlp.router_bias[...])]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    np.testing.assert_allclose(biases[1], biases[0], atol=1e-7)
+    assert np.abs(biases[0]).max() > 0  # the update ran
+
+
 def test_qk_clip_caps_each_heads_max_logit_at_tau():
     """With no parameter update, QK-Clip leaves each head's max logit at min(S_max, tau);
     with 2 microbatches S_max must be the max over both, i.e. over the whole batch."""
