@@ -256,13 +256,14 @@ def engine_benchmark(args) -> str:
         generated = sum(len(o) for o in outs)
         rows.append((f"radix {'on' if radix else 'off'}", secs, generated / secs,
                      stats.prefill_tokens, stats.cached_prompt_tokens / prompt_tokens))
-    same = outputs[False] == outputs[True]
+    same = sum(a == b for a, b in zip(outputs[False], outputs[True], strict=True)) / requests
     device = jax.devices()[0].device_kind
     lines = [f"### serving engine, shared-prefix workload, on {device} ({jax.default_backend()})", "",
              f"model: {cfg.family} {params / 1e6:.1f}M parameters ({cfg.dtype}), random weights; "
              f"{requests} requests = {prefix_len}-token shared prefix + 1..{suffix_len} own tokens, "
              f"{new_tokens} new tokens each (greedy); {slots} slots, paged cache, page {page_size}. "
-             f"Outputs identical with radix on and off: {same}.", "",
+             f"Requests with identical outputs, radix on vs off: {100 * same:.0f}% (bf16 may "
+             "flip near-ties of random-weight logits; f32 must give 100%).", "",
              "| radix cache | time (s) | generated tokens/s | prefill tokens computed | prompt tokens from cache |",
              "|---|---|---|---|---|"]
     for name, secs, tps, prefilled, hit in rows:
@@ -272,8 +273,8 @@ def engine_benchmark(args) -> str:
     print(report)
     if not args.device:
         print("\n(CPU smoke test on a tiny model: use --device on a GPU for real figures)")
-    if not same:
-        raise SystemExit("radix on and off gave different tokens")
+    if same < 1 and cfg.dtype == "float32":
+        raise SystemExit("radix on and off gave different tokens in float32")
     return report
 
 

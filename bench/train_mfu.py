@@ -7,6 +7,7 @@
 Models (bf16 compute, f32 parameters and AdamW state, as train.py trains them):
   llama3-small  configs/llama3.py:small: 16 layers, d_model 2048, 16 heads (8 KV), SwiGLU 5632,
                 vocab 32000, 0.89B parameters
+  deepseek-v3-small  configs/deepseek_v3.py:small: MLA, 64 routed experts top-6 + 1 shared
   gpt2-1.3b     GPT-2 layout at 1.3B: 24 layers, d_model 2048, 16 heads of 128, GELU MLP 8192,
                 LayerNorm with biases, learned positions, tied embeddings, vocab 50304
                 (nanoGPT's padded GPT-2 vocabulary)
@@ -40,6 +41,7 @@ from flax import nnx  # noqa: E402
 
 import arch  # noqa: E402
 import optim  # noqa: E402
+from configs.deepseek_v3 import get_config as deepseek_v3_config  # noqa: E402
 from configs.gpt2 import get_config as gpt2_config  # noqa: E402
 from configs.llama3 import get_config as llama3_config  # noqa: E402
 from trainer.mfu import flops_per_token, format_mfu, mfu, peak_flops  # noqa: E402
@@ -59,7 +61,11 @@ def gpt2_13b():
     return c
 
 
-MODELS = {"llama3-small": llama3_small, "gpt2-1.3b": gpt2_13b}
+def deepseek_v3_small():
+    return deepseek_v3_config("small")  # MLA + 64 experts top-6, 12 layers (1 dense)
+
+
+MODELS = {"llama3-small": llama3_small, "gpt2-1.3b": gpt2_13b, "deepseek-v3-small": deepseek_v3_small}
 
 
 def smoke(cfg):
