@@ -411,7 +411,8 @@ def set_page_tables(cache: tuple, page_table, lengths) -> tuple:
             raise ValueError(f"set_page_tables needs a paged cache, got {type(layer).__name__}")
         if page_table.shape != layer.page_table.shape:
             raise ValueError(f"page_table must be {layer.page_table.shape}, got {page_table.shape}")
-        out.append(layer.replace(page_table=page_table, lengths=lengths))
+        # A copy per layer: the engine donates the cache, and one buffer may not be donated twice.
+        out.append(layer.replace(page_table=jnp.copy(page_table), lengths=jnp.copy(lengths)))
     return tuple(out)
 
 
