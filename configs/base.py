@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-
 VARIANTS = ("tiny", "small", "full")
 
 

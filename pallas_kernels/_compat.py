@@ -5,7 +5,6 @@ import jax
 
 JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
-try:  # jax >= 0.7 exposes shard_map at top level
-    shard_map = jax.shard_map
-except AttributeError:  # pragma: no cover
-    from jax.experimental.shard_map import shard_map  # type: ignore
+# Both supported versions expose shard_map at the top level (the experimental module is
+# deprecated); keep every import of it going through here so a future move is one line.
+shard_map = jax.shard_map

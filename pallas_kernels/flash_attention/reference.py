@@ -20,7 +20,6 @@ Softmax is computed in f32.
 """
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 
 NEG_INF = float("-inf")

@@ -40,8 +40,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash_attention import reference, tpu_mask
-from pallas_kernels.flash_attention.api import validate_inputs as validate_attention_inputs
 from pallas_kernels.flash_attention.api import register_backend
+from pallas_kernels.flash_attention.api import validate_inputs as validate_attention_inputs
 from pallas_kernels.flash_attention.tpu_mask import NUM_LANES, MaskSpec, TokenRefs
 
 _NT = (((1,), (1,)), ((), ()))  # dot_general dims for a @ b.T
