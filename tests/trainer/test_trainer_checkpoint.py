@@ -127,3 +127,48 @@ def test_bad_keep_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="keep_checkpoints"):
         Checkpointer(str(tmp_path), keep=0)
     assert not os.listdir(tmp_path)
+
+
+def test_fsdp8_model_checkpoint_restores_on_fsdp2(tmp_path):
+    """A tiny Llama's params + AdamW state saved sharded over fsdp=8 restore onto fsdp=2
+    (other devices, other shards) with identical values and the fsdp=2 shardings."""
+    import optax
+    from flax import nnx
+
+    import arch
+    import sharding
+    from configs.llama3 import get_config
+    from trainer.checkpoint import train_state
+
+    cfg = get_config("tiny").model
+    cfg.update(d_model=64, num_layers=1, head_dim=16, mlp_dim=128)
+
+    def build(mesh):
+        model = arch.build_model(cfg, nnx.Rngs(params=3))
+        opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+        sharding.shard_state(model, opt, mesh=mesh, rules=sharding.make_rules("fsdp"))
+        return model, opt
+
+    devices = jax.devices()
+    mesh8 = sharding.make_mesh({"fsdp": 8}, devices)
+    model8, opt8 = build(mesh8)
+    src = train_state(model8, opt8, jax.random.key(0))
+    embed8 = model8.embed.embedding[...]
+    assert len({str(s.index) for s in embed8.addressable_shards}) == 8   # really split 8 ways
+    ckpt = Checkpointer(str(tmp_path), keep=1)
+    ckpt.save(1, src, {"row": 0})
+    ckpt.close()
+
+    mesh2 = sharding.make_mesh({"fsdp": 2}, devices[3:5])
+    model2, opt2 = build(mesh2)
+    target = train_state(model2, opt2, jax.random.key(1))
+    shardings = sharding.state_shardings(target, mesh2, sharding.make_rules("fsdp"))
+    ckpt = Checkpointer(str(tmp_path), keep=1)
+    step, state, _ = ckpt.restore_latest(abstract_like(target, shardings))
+    ckpt.close()
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(src))
+    nnx.update(model2, state["model"])
+    embed2 = model2.embed.embedding[...]
+    assert {d.id for d in embed2.devices()} == {d.id for d in devices[3:5]}
+    assert len({str(s.index) for s in embed2.addressable_shards}) == 2
