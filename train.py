@@ -154,7 +154,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                     timer_steps += 1
                 if stop_after is not None and step - start >= stop_after:
                     stop.request()
-                done = step == t.steps or stop.requested
+                # Read the stop flag once per step: a signal that lands later in this step
+                # is handled at the next boundary, after this step's checkpoint decision.
+                stopping = stop.requested
+                done = step == t.steps or stopping
                 if step % t.log_every == 0 or done:
                     fetched = jax.device_get(pending)
                     last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
@@ -180,7 +183,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
                     ckpt.save(step, train_state(model, optimizer, rng), loader.get_state())
                     timer, timer_steps = time.perf_counter(), 0
-                if stop.requested:
+                if stopping:
                     stopped = True
                     break
     finally:
