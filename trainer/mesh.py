@@ -17,6 +17,7 @@ import jax
 
 import sharding
 from sharding import sequence as sequence_parallel
+from sharding.mesh import axis_size
 
 SEQUENCE_LAYOUT = "striped"
 
@@ -48,7 +49,7 @@ def check_parallel_config(cfg, devices=None) -> None:
 
 def device_batch(batch: dict, mesh, rules) -> dict:
     """A host numpy batch -> global arrays on the mesh (striped first when sequence-parallel)."""
-    n = sharding.mesh_shape(dict(mesh.shape), mesh.size)["sequence"]
+    n = axis_size(mesh, "sequence")
     if n > 1:
         batch = sequence_parallel.batch_to_layout(batch, n, SEQUENCE_LAYOUT)
     return sharding.shard_batch(batch, mesh, rules)
