@@ -7,11 +7,15 @@ shape for decode); each row holds one request and its own length in the KV cache
 (serving/cache.py). One `step()`:
 
   1. admit waiting requests into free slots and prefill them together: one model call
-     of [max_slots, T] tokens (T a power-of-two bucket), the other rows padded with
-     segment id 0 so their caches stay untouched; each new request samples its
+     of T tokens per row (T a bucket of prompt lengths); with a dense cache every slot
+     is a row (the others padded with segment id 0, so their caches stay untouched),
+     with a paged one only the admitted requests are (the pools are shared, rows only
+     carry block tables), padded to a power of two; each new request samples its
      first token from the logits of its last prompt token;
-  2. decode: one model call of [max_slots, 1], feeding every running request its
-     last sampled token; finished requests (stop token, max_new_tokens) leave.
+  2. decode: one device call of up to `decode_steps` model calls of [max_slots, 1]
+     (a `lax.scan` feeding every running request the token it sampled last, so the
+     host is not in the loop per token); finished requests (stop token,
+     max_new_tokens) leave, and what a row sampled after its stop token is dropped.
 
 With `cache_kind="paged"` the KV cache lives in a page pool (serving/paged.py) and,
 with `radix=True`, a radix tree of token prefixes (serving/radix.py, SGLang's
@@ -38,18 +42,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from serving.cache import init_cache, reset_rows, set_page_tables
+from serving.cache import PagedKV, init_cache, reset_rows
 from serving.paged import BlockTables, PagePool, PoolExhausted, copy_pages
 from serving.radix import RadixCache
 from serving.sampling import SamplingParams, request_keys, sample_tokens
 
 CACHE_KINDS = ("dense", "rolling", "paged")
+BUCKET_STEP = 512  # prefill lengths above it are rounded to multiples of it
 
 
 @dataclasses.dataclass
@@ -82,27 +88,66 @@ class EngineStats:
     preemptions: int = 0
 
 
-def _forward(graphdef, state, cache, reset, tokens, positions, segment_ids, last, seeds, steps,
-             temperature, top_k, top_p):
-    """One model call on every slot, then sample each row at its `last` index.
+def _run_model(model, cache, tokens, positions, segment_ids, last):
+    """One model call on every slot; logits [B, V] at each row's `last` index.
 
     The steps of `Transformer.__call__`, but the output head runs on one position per
     row: a prefill needs no [B, T, vocab] logits.
     """
-    model = nnx.merge(graphdef, state)
-    cache = reset_rows(cache, reset)
     x = model.embed_tokens(tokens, positions)                                 # [B, T, D]
     x, layer_aux = model.stack(x, positions=positions, segment_ids=segment_ids, cache=cache)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)                  # [B, 1, D]
-    logits = model.head(x)[:, 0]                                              # [B, V]
-    tok = sample_tokens(logits, request_keys(seeds, steps), temperature, top_k, top_p)
-    return tok, tuple(a["cache"] for a in layer_aux)
+    return model.head(x)[:, 0], tuple(a["cache"] for a in layer_aux)
 
 
-# Module-level, keyed by the model's graphdef: engines over one model share compilations.
-# The cache is donated (its buffers are reused in place) on every backend, so CPU tests
-# catch what donation forbids (one buffer passed twice).
-_forward_jit = jax.jit(_forward, static_argnums=0, donate_argnums=2)
+def _generate(graphdef, num_steps, state, cache, reset, page_table, lengths, tokens, positions,
+              segment_ids, last, seeds, steps, temperature, top_k, top_p):
+    """Prefill (num_steps=1, T >= 1) or decode `num_steps` tokens (T = 1) on every slot.
+
+    Decoding several tokens per call keeps the loop on the device: each step feeds
+    every row the token it just sampled, one position further. The host drops what a
+    row sampled after its stop token. Returns (tokens [B, num_steps], cache).
+    """
+    model = nnx.merge(graphdef, state)
+    paged = page_table is not None
+    if paged:  # the pools travel; the host's block tables say which rows use which pages
+        cache = tuple(PagedKV(k_pages=k, v_pages=v, page_table=page_table, lengths=lengths)
+                      for k, v in cache)
+    else:
+        cache = reset_rows(cache, reset)
+
+    def one_token(cache, tokens, positions, steps):
+        logits, cache = _run_model(model, cache, tokens, positions, segment_ids, last)
+        tok = sample_tokens(logits, request_keys(seeds, steps), temperature, top_k, top_p)
+        return tok, cache
+
+    def pools(cache):
+        return tuple((c.k_pages, c.v_pages) for c in cache) if paged else cache
+
+    tok, cache = one_token(cache, tokens, positions, steps)
+    if num_steps == 1:
+        return tok[:, None], pools(cache)
+
+    def body(carry, _):
+        cache, tok, pos, steps = carry
+        pos, steps = pos + 1, steps + 1
+        nxt, cache = one_token(cache, tok[:, None], pos, steps)
+        return (cache, nxt, pos, steps), nxt
+
+    (cache, *_), rest = jax.lax.scan(body, (cache, tok, positions, steps), length=num_steps - 1)
+    return jnp.concatenate([tok[:, None], rest.T], axis=1), pools(cache)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(graphdef):
+    """The jitted `_generate` of one model structure, shared by every engine over it.
+
+    Hashing a graphdef costs milliseconds (it walks the whole module tree), so it is
+    bound here once per engine instead of being a static argument of every call. The
+    cache is donated (its buffers are reused in place) on every backend, so CPU tests
+    catch what donation forbids (one buffer passed twice).
+    """
+    return jax.jit(functools.partial(_generate, graphdef), static_argnums=0, donate_argnums=2)
 
 
 class Engine:
@@ -117,12 +162,18 @@ class Engine:
       page_size, num_pages: the page pool (paged only); num_pages defaults to enough
         for every slot at max_len.
       radix: reuse cached prefixes through a radix tree (paged only).
-      min_bucket: shortest prefill length; prefill lengths are powers of two from it.
+      min_bucket: shortest prefill length; prefill lengths are powers of two from it
+        up to BUCKET_STEP, then multiples of BUCKET_STEP (a 2,080-token prompt runs as
+        2,560, not 4,096).
+      decode_steps: most tokens decoded per device call (the loop runs on the device;
+        powers of two up to it, never past the nearest max_new_tokens). Requests join
+        and leave between calls, so larger values trade admission latency and work
+        wasted after stop tokens for less host overhead per token.
     """
 
     def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None,
                  cache_kind: str = "dense", page_size: int = 16, num_pages: int | None = None,
-                 radix: bool = False, min_bucket: int = 16):
+                 radix: bool = False, min_bucket: int = 16, decode_steps: int = 8):
         cfg = model.cfg
         if cache_kind not in CACHE_KINDS:
             raise ValueError(f"{cache_kind=} must be one of {CACHE_KINDS}")
@@ -132,16 +183,22 @@ class Engine:
             raise ValueError(f"{max_slots=} must be a positive int")
         if not isinstance(min_bucket, int) or min_bucket < 1:
             raise ValueError(f"{min_bucket=} must be a positive int")
+        if not isinstance(decode_steps, int) or decode_steps < 1:
+            raise ValueError(f"{decode_steps=} must be a positive int")
         self.cfg = cfg
         self.max_len = cfg.max_seq_len if max_len is None else max_len
         self.max_slots, self.kind, self.min_bucket = max_slots, cache_kind, min_bucket
+        self.decode_steps = decode_steps
         self.cache = init_cache(cfg, max_slots, self.max_len, cache_kind,
                                 page_size=page_size, num_pages=num_pages)
+        if cache_kind == "paged":  # keep the pools; block tables come from the host per call
+            self.max_pages = self.cache[0].page_table.shape[1]
+            self.cache = tuple((c.k_pages, c.v_pages) for c in self.cache)
         self.graphdef, self.state = nnx.split(model)
-        self._forward = _forward_jit
+        self._generate = _compiled(self.graphdef)
         self.tables = self.radix = None
         if cache_kind == "paged":
-            pool = PagePool(self.cache[0].k_pages.shape[1], page_size)
+            pool = PagePool(self.cache[0][0].shape[1], page_size)
             self.tables = BlockTables(pool)
             self.radix = RadixCache(pool) if radix else None
         self.slots: list[_Request | None] = [None] * max_slots
@@ -277,29 +334,36 @@ class Engine:
         return start
 
     def _prefill(self, admitted) -> list[int]:
-        b = self.max_slots
         lengths = [len(self.slots[s].tokens) - start for s, start in admitted]
         t = self._bucket(max(lengths))
+        if self.tables is None:  # dense rows live in the cache: every slot takes part
+            rows = list(range(self.max_slots))
+        else:  # paged: only the admitted rows, padded to a power of two (fewer shapes)
+            rows = [slot for slot, _ in admitted]
+            rows += [None] * (min(_next_pow2(len(rows)), self.max_slots) - len(rows))
+        row_of = {slot: r for r, slot in enumerate(rows) if slot is not None}
+        b = len(rows)
         tokens = np.zeros((b, t), np.int32)
         positions = np.zeros((b, t), np.int32)
         segs = np.zeros((b, t), np.int32)
         last = np.zeros((b,), np.int32)
         reset = np.zeros((b,), bool)
         for (slot, start), n in zip(admitted, lengths, strict=True):
-            tokens[slot, :n] = self.slots[slot].tokens[start:]
-            positions[slot, :n] = np.arange(start, start + n)
-            segs[slot, :n] = 1
-            last[slot] = n - 1
-            reset[slot] = self.tables is None  # paged rows get their lengths from the host
+            r = row_of[slot]
+            tokens[r, :n] = self.slots[slot].tokens[start:]
+            positions[r, :n] = np.arange(start, start + n)
+            segs[r, :n] = 1
+            last[r] = n - 1
+            reset[r] = True  # dense rows start empty; paged rows get lengths from the host
             self.stats.cached_prompt_tokens += start
             self.stats.prefill_tokens += n
         self.stats.prefill_calls += 1
         starts = {slot: start for slot, start in admitted}
-        tok = self._call(tokens, positions, segs, last, reset, starts)
+        tok = self._call(rows, tokens, positions, segs, last, reset, starts, num_steps=1)
         finished = []
         for slot, _ in admitted:
             req = self.slots[slot]
-            if self._append(slot, int(tok[slot])):
+            if self._append(slot, int(tok[row_of[slot], 0])):
                 finished.append(req.rid)
             elif self.radix is not None:  # the prompt's pages serve later requests at once
                 self._cache_prefix(req)
@@ -307,8 +371,9 @@ class Engine:
 
     def _decode(self) -> list[int]:
         b = self.max_slots
+        num_steps = self._num_decode_steps()
         if self.tables is not None:
-            self._reserve_decode_pages()
+            self._reserve_decode_pages(num_steps)
         rows = [i for i, r in enumerate(self.slots) if r is not None]
         tokens = np.zeros((b, 1), np.int32)
         positions = np.zeros((b, 1), np.int32)
@@ -319,34 +384,55 @@ class Engine:
             positions[i, 0] = len(req.prompt) + len(req.output) - 1
             segs[i, 0] = 1
         starts = {i: int(positions[i, 0]) for i in rows}
-        tok = self._call(tokens, positions, segs, np.zeros((b,), np.int32), np.zeros((b,), bool), starts)
-        self.stats.decode_tokens += len(rows)
-        rids = [self.slots[i].rid for i in rows]
-        return [rid for i, rid in zip(rows, rids, strict=True) if self._append(i, int(tok[i]))]
+        tok = self._call(list(range(b)), tokens, positions, segs, np.zeros((b,), np.int32),
+                         np.zeros((b,), bool), starts, num_steps=num_steps)
+        finished = []
+        for i in rows:
+            rid = self.slots[i].rid
+            for j in range(num_steps):  # tokens after a stop token are dropped
+                self.stats.decode_tokens += 1
+                if self._append(i, int(tok[i, j])):
+                    finished.append(rid)
+                    break
+        return finished
 
-    def _call(self, tokens, positions, segs, last, reset, starts):
-        """Run the jitted forward; `starts` maps busy slots to their cache length before."""
-        seeds = np.zeros((self.max_slots,), np.uint32)
-        steps = np.zeros((self.max_slots,), np.int32)
-        temp = np.zeros((self.max_slots,), np.float32)
-        top_k = np.zeros((self.max_slots,), np.int32)
-        top_p = np.ones((self.max_slots,), np.float32)
-        for i, req in enumerate(self.slots):
-            if req is not None:
-                seeds[i], steps[i] = req.params.seed, len(req.output)
-                temp[i], top_k[i], top_p[i] = req.params.temperature, req.params.top_k, req.params.top_p
+    def _num_decode_steps(self) -> int:
+        """The largest power of two <= decode_steps that no running request outlasts."""
+        left = min(r.params.max_new_tokens - len(r.output) for r in self.slots if r is not None)
+        n = 1
+        while n * 2 <= min(left, self.decode_steps):
+            n *= 2
+        return n
+
+    def _call(self, rows, tokens, positions, segs, last, reset, starts, *, num_steps):
+        """Run the jitted model on batch rows `rows` (engine slots, None = padding).
+
+        `starts` maps the slots being written to their cache length before the call;
+        the other busy slots keep theirs. Returns sampled tokens [len(rows), num_steps].
+        """
+        b = len(rows)
+        seeds = np.zeros((b,), np.uint32)
+        steps = np.zeros((b,), np.int32)
+        temp = np.zeros((b,), np.float32)
+        top_k = np.zeros((b,), np.int32)
+        top_p = np.ones((b,), np.float32)
+        busy = [(r, self.slots[slot]) for r, slot in enumerate(rows)
+                if slot is not None and self.slots[slot] is not None]
+        for r, req in busy:
+            seeds[r], steps[r] = req.params.seed, len(req.output)
+            temp[r], top_k[r], top_p[r] = req.params.temperature, req.params.top_k, req.params.top_p
+        table = lengths = None
         if self.tables is not None:
-            ids = [req.rid for req in self.slots if req is not None]
-            table = np.zeros(self.cache[0].page_table.shape, np.int32)
-            lengths = np.zeros((self.max_slots,), np.int32)
-            if ids:
-                busy = [i for i, r in enumerate(self.slots) if r is not None]
-                table[busy] = self.tables.block_table(ids, max_pages=table.shape[1])
-                for i in busy:
-                    lengths[i] = starts.get(i, self.slots[i].written)
-            self.cache = set_page_tables(self.cache, table, lengths)
-        tok, self.cache = self._forward(self.graphdef, self.state, self.cache, reset, tokens,
-                                        positions, segs, last, seeds, steps, temp, top_k, top_p)
+            table = np.zeros((b, self.max_pages), np.int32)
+            lengths = np.zeros((b,), np.int32)
+            if busy:
+                idx = [r for r, _ in busy]
+                table[idx] = self.tables.block_table([req.rid for _, req in busy], max_pages=self.max_pages)
+                for r, req in busy:
+                    lengths[r] = starts.get(rows[r], req.written)
+        tok, self.cache = self._generate(num_steps, self.state, self.cache, reset, table, lengths,
+                                         tokens, positions, segs, last, seeds, steps, temp,
+                                         top_k, top_p)
         return np.asarray(tok)
 
     def _append(self, slot: int, token: int) -> bool:
@@ -362,19 +448,22 @@ class Engine:
 
     def _bucket(self, n: int) -> int:
         t = self.min_bucket
-        while t < n:
+        while t < n and t < BUCKET_STEP:
             t *= 2
+        if t < n:
+            t = -(-n // BUCKET_STEP) * BUCKET_STEP
         return min(t, max(self.max_len, n))
 
     # -- pages ------------------------------------------------------------------------
 
-    def _reserve_decode_pages(self) -> None:
-        """One more slot for every running request; evict, then preempt, when out of pages."""
+    def _reserve_decode_pages(self, num_tokens: int) -> None:
+        """Slots for `num_tokens` more tokens of every running request; evict, then
+        preempt, when out of pages."""
         for i in range(self.max_slots):
             req = self.slots[i]
             while req is not None:
                 try:
-                    self._copy_pages(self.tables.append(req.rid, 1).copies)
+                    self._copy_pages(self.tables.append(req.rid, num_tokens).copies)
                     break
                 except PoolExhausted as e:
                     if self.radix is not None and self.radix.evict(e.needed - e.available):
@@ -417,11 +506,11 @@ class Engine:
     def _copy_pages(self, copies) -> None:
         if not copies:
             return
-        layers = []
-        for layer in self.cache:
-            k, v = copy_pages(layer.k_pages, layer.v_pages, copies)
-            layers.append(layer.replace(k_pages=k, v_pages=v))
-        self.cache = tuple(layers)
+        self.cache = tuple(copy_pages(k, v, copies) for k, v in self.cache)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _common_prefix_len(a, b) -> int:

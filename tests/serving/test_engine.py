@@ -19,6 +19,7 @@ from arch import build_model
 from arch.model import freeze
 from configs.llama3 import get_config as llama3_config
 from configs.mistral import get_config as mistral_config
+from serving import engine as engine_module
 from serving.engine import Engine
 from serving.sampling import SamplingParams, request_keys, sample_tokens
 
@@ -117,9 +118,10 @@ def llama_requests():
     return reqs, refs
 
 
-def test_continuous_batching_equals_each_request_alone(llama_requests):
+@pytest.mark.parametrize("decode_steps", [1, 8])  # a host round trip per token, or a device loop
+def test_continuous_batching_equals_each_request_alone(llama_requests, decode_steps):
     reqs, refs = llama_requests
-    engine = Engine(llama(), max_slots=4, max_len=MAX_SEQ, min_bucket=16)
+    engine = Engine(llama(), max_slots=4, max_len=MAX_SEQ, min_bucket=16, decode_steps=decode_steps)
     outs = run_staggered(engine, reqs)
     assert outs == refs
     assert len(outs[0]) <= 3 and outs[0][-1] == reqs[0][1]["stop_tokens"][0]  # stopped early
@@ -196,10 +198,18 @@ def test_bad_input_raises_value_error():
         Engine(llama(), radix=True)
     with pytest.raises(ValueError, match="cache_kind='sparse' must be one of"):
         Engine(llama(), cache_kind="sparse")
+    with pytest.raises(ValueError, match="decode_steps=0 must be a positive int"):
+        Engine(llama(), decode_steps=0)
     paged = Engine(llama(), max_slots=1, max_len=24, cache_kind="paged", page_size=4, num_pages=2)
     with pytest.raises(ValueError, match="needs 3 pages; the pool has num_pages=2"):
         paged.submit([1] * 8, max_new_tokens=2)
     assert engine.idle  # nothing was queued by the failures
+
+
+def test_prefill_buckets_are_powers_of_two_then_multiples_of_the_step(monkeypatch):
+    monkeypatch.setattr(engine_module, "BUCKET_STEP", 8)
+    engine = Engine(llama(), max_slots=1, max_len=MAX_SEQ, min_bucket=2)
+    assert [engine._bucket(n) for n in (1, 3, 5, 8, 9, 17, 31)] == [2, 4, 8, 8, 16, 24, 32]
 
 
 def test_sample_cli_restores_the_checkpoint_and_generates(tmp_path):
