@@ -107,9 +107,9 @@ def peers(platform: str, interpret: bool):
 
 
 def sweep_configs():
-    for ppb in (2, 4, 8):
+    for ppb in (4, 8):
         for splits in (None, 4, 8, 16):
-            for warps, stages in ((4, 2), (4, 3), (8, 2)):
+            for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
                 yield paged_gpu.BlockSizes(pages_per_block=ppb, num_splits=splits,
                                            num_warps=warps, num_stages=stages)
 
@@ -135,6 +135,9 @@ def main(argv=None):
     engine_flags.add_argument("--suffix_len", type=int, default=None, help="own tokens per request (max)")
     engine_flags.add_argument("--new_tokens", type=int, default=None, help="generated per request")
     engine_flags.add_argument("--slots", type=int, default=None, help="engine batch rows")
+    engine_flags.add_argument("--decode_steps", type=int, default=8, help="tokens per decode call")
+    engine_flags.add_argument("--profile", default=None, help="trace the timed radix-on run into "
+                              "this directory and print where the GPU time goes")
     args = p.parse_args(argv)
 
     platform = jax.default_backend()
@@ -172,11 +175,12 @@ def kernel_benchmark(args, platform) -> str:
         for bs in sweep_configs():
             fn = jax.jit(functools.partial(paged_attention, impl="pallas_gpu", block_sizes=bs))
             try:
+                err = float(jnp.abs(fn(q, k_pages, v_pages, lengths, table).astype(jnp.float32) - ref).max())
                 t = time_fn(fn, q, k_pages, v_pages, lengths, table, iters=iters)
             except Exception as e:  # a config the compiler rejects: report, keep going
                 print(f"{bs}: failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
-            rows.append((f"ours {bs}", t, kv_bytes / t, float("nan")))
+            rows.append((f"ours {bs}", t, kv_bytes / t, err))
 
     device = jax.devices()[0].device_kind
     lines = [f"### paged decode attention on {device} ({platform})", "",
@@ -221,14 +225,19 @@ def shared_prefix_workload(*, requests, prefix_len, suffix_len, vocab, seed=0):
             for _ in range(requests)]
 
 
-def run_engine(model, prompts, *, new_tokens, **engine_kw):
+def run_engine(model, prompts, *, new_tokens, profile=None, **engine_kw):
     """(outputs, seconds, stats) of one run of `prompts` on a fresh engine."""
+    import contextlib
+
     from serving.engine import Engine
 
     engine = Engine(model, **engine_kw)
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, max_new_tokens=new_tokens)
-    return outs, time.perf_counter() - t0, engine.stats
+    trace = jax.profiler.trace(profile, create_perfetto_trace=True) if profile else contextlib.nullcontext()
+    with trace:
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, max_new_tokens=new_tokens)
+        seconds = time.perf_counter() - t0
+    return outs, seconds, engine.stats
 
 
 def engine_benchmark(args) -> str:
@@ -249,9 +258,13 @@ def engine_benchmark(args) -> str:
     rows, outputs = [], {}
     for radix in (False, True):
         kw = dict(max_slots=slots, max_len=max_len, cache_kind="paged", page_size=page_size,
-                  radix=radix, new_tokens=new_tokens)
+                  radix=radix, new_tokens=new_tokens, decode_steps=args.decode_steps)
         run_engine(model, prompts, **kw)  # warm-up: compiles every prefill bucket and decode
         outs, secs, stats = run_engine(model, prompts, **kw)
+        if radix and args.profile:  # a third run, traced (the timed one is not)
+            from bench.trace_summary import summarise
+            run_engine(model, prompts, profile=args.profile, **kw)
+            print(summarise(args.profile, top=30))
         outputs[radix] = outs
         generated = sum(len(o) for o in outs)
         rows.append((f"radix {'on' if radix else 'off'}", secs, generated / secs,
@@ -261,7 +274,8 @@ def engine_benchmark(args) -> str:
     lines = [f"### serving engine, shared-prefix workload, on {device} ({jax.default_backend()})", "",
              f"model: {cfg.family} {params / 1e6:.1f}M parameters ({cfg.dtype}), random weights; "
              f"{requests} requests = {prefix_len}-token shared prefix + 1..{suffix_len} own tokens, "
-             f"{new_tokens} new tokens each (greedy); {slots} slots, paged cache, page {page_size}. "
+             f"{new_tokens} new tokens each (greedy); {slots} slots, paged cache, page {page_size}, "
+             f"up to {args.decode_steps} tokens per decode call. "
              f"Requests with identical outputs, radix on vs off: {100 * same:.0f}% (bf16 may "
              "flip near-ties of random-weight logits; f32 must give 100%).", "",
              "| radix cache | time (s) | generated tokens/s | prefill tokens computed | prompt tokens from cache |",

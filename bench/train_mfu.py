@@ -9,8 +9,8 @@ Models (bf16 compute, f32 parameters and AdamW state, as train.py trains them):
                 vocab 32000, 0.89B parameters
   deepseek-v3-small  configs/deepseek_v3.py:small: MLA, 64 routed experts top-6 + 1 shared
   gpt2-1.3b     GPT-2 layout at 1.3B: 24 layers, d_model 2048, 16 heads of 128, GELU MLP 8192,
-                LayerNorm with biases, learned positions, tied embeddings, vocab 50304
-                (nanoGPT's padded GPT-2 vocabulary)
+                LayerNorm, learned positions, tied embeddings, vocab 50304 (nanoGPT's padded
+                GPT-2 vocabulary), no biases (as nanoGPT's bench.py, bias=False)
 Both at batch 4 x seq 4096 by default. The step is `trainer.step.train_step`: forward,
 backward, AdamW update, on random tokens (one document per row).
 
@@ -49,6 +49,7 @@ from trainer.step import StepOptions, train_step  # noqa: E402
 
 NANOGPT_H100_TOKENS_PER_S = 55_900
 REMATS = ("none", "dots_saveable", "full")
+PROFILE_STEPS = 3
 
 
 def llama3_small():
@@ -58,6 +59,8 @@ def llama3_small():
 def gpt2_13b():
     c = gpt2_config("small,size=1.3b")  # 24 layers, d 2048, 16 heads, seq 4096, bf16
     c.model.vocab_size = 50304          # nanoGPT pads GPT-2's 50257 to a multiple of 64
+    # nanoGPT's bench.py runs bias=False: no bias in any Linear or LayerNorm. Same model here.
+    c.model.update(attn_bias=False, attn_out_bias=False, mlp_bias=False, norm_bias=False)
     return c
 
 
@@ -76,15 +79,15 @@ def smoke(cfg):
 
 
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+    """Random tokens, one document per row: no segment ids (as nanoGPT: causal mask only)."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
     return {"tokens": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
             "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
-            "segment_ids": jnp.ones((batch, seq), jnp.int32),
             "loss_mask": jnp.ones((batch, seq), jnp.float32)}
 
 
-def measure(cfg, *, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def measure(cfg, *, batch: int, seq: int, steps: int, warmup: int, profile: str | None = None) -> dict:
     """Seconds per step of train_step after `warmup` steps (the first compiles)."""
     model = arch.build_model(cfg.model, nnx.Rngs(params=0))
     tx = optim.build_optimizer(cfg.optim, nnx.state(model, nnx.Param), total_steps=10_000)
@@ -98,7 +101,15 @@ def measure(cfg, *, batch: int, seq: int, steps: int, warmup: int) -> dict:
         metrics = train_step(model, optimizer, data, opts=opts)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / steps
-    return {"step_s": seconds, "loss": float(metrics["loss"])}
+    out = {"step_s": seconds, "loss": float(metrics["loss"])}
+    if profile:  # a few more steps under the profiler, summarised by kernel kind
+        from bench.trace_summary import summarise
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            for _ in range(PROFILE_STEPS):
+                metrics = train_step(model, optimizer, data, opts=opts)
+            jax.block_until_ready(metrics)
+        out["profile"] = summarise(profile, steps=PROFILE_STEPS)
+    return out
 
 
 def is_oom(e: Exception) -> bool:
@@ -117,8 +128,9 @@ def run_model(name: str, args) -> dict:
     for remat in (REMATS if args.remat == "auto" else (args.remat,)):
         cfg.model.remat = remat
         try:
+            profile = args.profile and os.path.join(args.profile, f"{name}-{args.attention}")
             row.update(measure(cfg, batch=args.batch, seq=seq, steps=args.steps,
-                               warmup=args.warmup), remat=remat)
+                               warmup=args.warmup, profile=profile), remat=remat)
             break
         except Exception as e:  # noqa: BLE001 - out of memory: try the next remat policy
             if not is_oom(e):
@@ -169,6 +181,8 @@ def main(argv=None) -> None:
     p.add_argument("--remat", default="auto", choices=("auto",) + REMATS)
     p.add_argument("--attention", default="auto", help="model.attention_impl")
     p.add_argument("--smoke", action="store_true", help="toy sizes, to check the script on CPU")
+    p.add_argument("--profile", default=None, help="trace a few steps into this directory and "
+                   "print where the GPU time goes (bench/trace_summary.py)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = p.parse_args(argv)
     names = args.models.split(",")
@@ -180,7 +194,10 @@ def main(argv=None) -> None:
     rows = []
     for name in names:
         rows.append(run_model(name, args))
+        profile = rows[-1].pop("profile", None)
         print(f"{name}: {rows[-1]}", flush=True)
+        if profile:
+            print(profile, flush=True)
     text = table(rows, jax.devices()[0].device_kind)
     print(text)
     if args.out:

@@ -80,7 +80,9 @@ def token_loss_sums(logits, targets, loss_mask) -> dict[str, jax.Array]:
 
 
 def forward(model, batch):
-    return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    """Logits and aux of `model` on a batch; without "segment_ids" every row is one
+    document (plain causal masking, which lets attention kernels skip the mask loads)."""
+    return model(batch["tokens"], positions=batch["positions"], segment_ids=batch.get("segment_ids"))
 
 
 def split_microbatches(batch: dict, n: int) -> dict:

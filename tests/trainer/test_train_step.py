@@ -127,6 +127,17 @@ def test_train_step_gradient_and_loss_match_the_plain_big_batch_loss(accum):
     assert float(metrics["tokens"]) == batch["loss_mask"].sum()
 
 
+def test_a_batch_without_segment_ids_trains_as_one_document_per_row():
+    """No "segment_ids" (bench/train_mfu.py's batches) = all ones, checked against the
+    reference-tied step above; the kernels then skip the segment mask."""
+    cfg = small_model_config()
+    batch = random_batch(0)
+    grad, metrics = _sgd_step(cfg, batch, 1)
+    grad_plain, metrics_plain = _sgd_step(cfg, {k: v for k, v in batch.items() if k != "segment_ids"}, 1)
+    chex.assert_trees_all_close(grad_plain, grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(metrics_plain["loss"]), float(metrics["loss"]), rtol=1e-6)
+
+
 def test_moe_aux_losses_enter_the_loss_and_bias_update_runs():
     moe = moe_defaults()
     moe.update(num_experts=4, top_k=2, expert_mlp_dim=16, aux_loss_coef=0.01, z_loss_coef=0.001,
