@@ -138,6 +138,28 @@ def _generate(graphdef, num_steps, state, cache, reset, page_table, lengths, tok
     return jnp.concatenate([tok[:, None], rest.T], axis=1), pools(cache)
 
 
+def serving_params(state, dtype):
+    """Weight matrices cast to the compute dtype once, instead of at every use.
+
+    Training keeps f32 master weights and casts each matrix where it is used; decoding
+    would repeat that cast (a full pass over the weights) at every token. Every
+    matrix use casts to the compute dtype first, so the cast changes no value
+    (tests/serving/test_engine.py checks the logits bit for bit) — except the MoE
+    router, which computes in f32 on purpose and keeps its f32 weights; vectors (norm
+    scales, biases, sinks) stay as they are.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def cast(path, var):
+        x = var[...]
+        if (type(var) is nnx.Param and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+                and x.dtype != dtype and "router" not in jax.tree_util.keystr(path)):
+            return var.replace(x.astype(dtype))
+        return var
+
+    return jax.tree_util.tree_map_with_path(cast, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(graphdef):
     """The jitted `_generate` of one model structure, shared by every engine over it.
@@ -194,7 +216,8 @@ class Engine:
         if cache_kind == "paged":  # keep the pools; block tables come from the host per call
             self.max_pages = self.cache[0].page_table.shape[1]
             self.cache = tuple((c.k_pages, c.v_pages) for c in self.cache)
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        self.state = serving_params(state, cfg.dtype)
         self._generate = _compiled(self.graphdef)
         self.tables = self.radix = None
         if cache_kind == "paged":

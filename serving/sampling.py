@@ -117,8 +117,15 @@ def filter_logits(logits, temperature, top_k, top_p):
 
 
 def sample_tokens(logits, keys, temperature, top_k, top_p):
-    """Next token [B] int32 from logits [B, V] with per-row parameters [B] and keys [B]."""
-    filtered = filter_logits(logits, temperature, top_k, top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-    greedy = jnp.argmax(logits, axis=-1)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    """Next token [B] int32 from logits [B, V] with per-row parameters [B] and keys [B].
+
+    An all-greedy batch skips the filters (two sorts of [B, V]) and the draw.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw():
+        filtered = filter_logits(logits, temperature, top_k, top_p)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered)
+        return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)

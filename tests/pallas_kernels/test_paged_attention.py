@@ -147,8 +147,9 @@ def test_default_gpu_tiling_fills_an_h100():
     num_blocks = 8192 // 16 // bs.pages_per_block
     splits = paged_gpu.default_num_splits(8, 8, num_blocks, num_sms=132)
     assert 8 * 8 * splits >= 4 * 132 and num_blocks / splits >= 4
-    # A big batch needs no split.
-    assert paged_gpu.default_num_splits(256, 8, num_blocks, num_sms=132) == 1
+    # A big batch still splits into MIN_SPLITS (measured faster), a short table less.
+    assert paged_gpu.default_num_splits(256, 8, num_blocks, num_sms=132) == paged_gpu.MIN_SPLITS
+    assert paged_gpu.default_num_splits(256, 8, 8, num_sms=132) == 2
     # Odd head dims and short tables still give a power-of-two block.
     assert paged_gpu.BlockSizes.get_default(page_size=16, head_dim=96, max_pages=512).pages_per_block == 4
     assert paged_gpu.BlockSizes.get_default(page_size=4, head_dim=64, max_pages=3).pages_per_block == 4

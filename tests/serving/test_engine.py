@@ -233,3 +233,31 @@ def test_sample_cli_restores_the_checkpoint_and_generates(tmp_path):
                          "--temperature=0", "--cache=paged"])
     ref = reference_generate(model, [ord("a"), ord("b")], max_new_tokens=6)
     assert texts == ["ab" + bytes(ref).decode("utf-8", errors="replace")]
+
+
+@pytest.mark.parametrize("family", ["llama3", "deepseek_v3", "gemma3"])
+def test_serving_params_cast_changes_no_logit(family):
+    """Matrices cast to bf16 once give bit-identical bf16 logits: every use casts anyway
+    (the MoE router, which computes in f32, keeps f32 weights)."""
+    import importlib
+
+    from serving.engine import serving_params
+
+    cfg = importlib.import_module(f"configs.{family}").get_config("tiny").model
+    cfg.update(dtype="bfloat16", max_seq_len=MAX_SEQ)
+    model = build_model(freeze(cfg), nnx.Rngs(params=0))
+    graphdef, state = nnx.split(model)
+    cast = serving_params(state, "bfloat16")
+    dtypes = {jax.tree_util.keystr(p): v[...].dtype
+              for p, v in jax.tree_util.tree_leaves_with_path(cast, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+    assert any(d == jnp.bfloat16 for d in dtypes.values())
+    assert all(d == jnp.float32 for k, d in dtypes.items() if "router" in k or "norm" in k)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    want, _ = _logits_full(graphdef, state, tokens)
+    got, _ = _logits_full(graphdef, cast, tokens)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _logits_full(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
