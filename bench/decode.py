@@ -136,8 +136,8 @@ def main(argv=None):
     engine_flags.add_argument("--new_tokens", type=int, default=None, help="generated per request")
     engine_flags.add_argument("--slots", type=int, default=None, help="engine batch rows")
     engine_flags.add_argument("--decode_steps", type=int, default=8, help="tokens per decode call")
-    engine_flags.add_argument("--profile", default=None, help="trace the timed radix-on run into "
-                              "this directory and print where the GPU time goes")
+    engine_flags.add_argument("--profile", default=None, help="trace one more run of each setting "
+                              "into this directory and print where the GPU time goes")
     args = p.parse_args(argv)
 
     platform = jax.default_backend()
@@ -261,10 +261,11 @@ def engine_benchmark(args) -> str:
                   radix=radix, new_tokens=new_tokens, decode_steps=args.decode_steps)
         run_engine(model, prompts, **kw)  # warm-up: compiles every prefill bucket and decode
         outs, secs, stats = run_engine(model, prompts, **kw)
-        if radix and args.profile:  # a third run, traced (the timed one is not)
+        if args.profile:  # a third run, traced (the timed one is not)
             from bench.trace_summary import summarise
-            run_engine(model, prompts, profile=args.profile, **kw)
-            print(summarise(args.profile, top=30))
+            logdir = os.path.join(args.profile, f"radix_{'on' if radix else 'off'}")
+            run_engine(model, prompts, profile=logdir, **kw)
+            print(f"radix {'on' if radix else 'off'}: " + summarise(logdir, top=20))
         outputs[radix] = outs
         generated = sum(len(o) for o in outs)
         rows.append((f"radix {'on' if radix else 'off'}", secs, generated / secs,
