@@ -188,6 +188,8 @@ def _variants(head_dim: int):
     if head_dim > 128:
         return {
             "default": base,
+            "fused bwd": rep(backward="fused"),
+            "fused bwd dkv 32x64": rep(backward="fused", block_q_dkv=32),
             "fwd 128x64 s2, bwd 64x64 s2": rep(block_q=128, block_k=64, block_q_dkv=64,
                                                block_kv_dq=64, num_stages_bwd=2),
             "fwd 64x64 w4, bwd 64x64 w4 s2": rep(num_warps=4, block_q_dkv=64, block_kv_dq=64,
@@ -198,6 +200,11 @@ def _variants(head_dim: int):
         }
     return {
         "default": base,
+        "fused bwd (dkv 64x128)": rep(backward="fused"),
+        "fused bwd dkv 32x128": rep(backward="fused", block_q_dkv=32),
+        "fused bwd dkv 64x64": rep(backward="fused", block_kv_dkv=64),
+        "fused bwd s2": rep(backward="fused", num_stages_bwd=2),
+        "fused bwd dkv 128x128 s2": rep(backward="fused", block_q_dkv=128, num_stages_bwd=2),
         "fwd 128x64 w8 s3": rep(block_k=64),
         "fwd 128x128 w4 s3": rep(num_warps=4),
         "bwd dkv 32x128 dq 128x32": rep(block_q_dkv=32, block_kv_dq=32),

@@ -37,6 +37,7 @@ from pallas_kernels.flash_attention.gpu_tiling import block_spans
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+BACKWARDS = ("split", "fused")
 _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq")
 
 
@@ -49,6 +50,10 @@ class BlockSizes:
       block_q_dkv, block_kv_dkv: tiles of the dk/dv kernel (a program per key block).
       block_q_dq, block_kv_dq: tiles of the dq kernel (a program per query block).
       num_warps, num_stages: forward launch; num_warps_bwd, num_stages_bwd: backward.
+      backward: "split" (a dq kernel and a dk/dv kernel: 7 matmuls per tile pair,
+        deterministic) or "fused" (the dk/dv kernel also adds each tile's dq into an
+        f32 buffer with atomic adds, as FlashAttention-2 does: 5 matmuls, no second
+        pass, summation order not fixed).
     All blocks are powers of two >= 16 (Triton's dot needs that); blocks longer than
     the sequence shrink to it, and sequences are padded to whole blocks.
     """
@@ -63,8 +68,11 @@ class BlockSizes:
     num_stages: int = 3
     num_warps_bwd: int = 8
     num_stages_bwd: int = 3
+    backward: str = "split"
 
     def __post_init__(self):
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"BlockSizes.backward={self.backward!r} must be one of {BACKWARDS}")
         for name in _BLOCK_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
@@ -307,6 +315,8 @@ def _dq_kernel(*refs, cfg: _Config):
 
 _DKV_INPUTS = ("spans", "q_pos", "kv_pos", "q_seg", "kv_seg", "q", "k", "v", "do", "lse",
                "delta", "dk", "dv")
+# Fused backward: the zeroed f32 dq buffer comes in aliased to the dq output.
+_FUSED_INPUTS = _DKV_INPUTS[:-2] + ("dq_zeros", "dk", "dv", "dq")
 
 
 def _dkv_kernel(*refs, cfg: _Config):
@@ -315,7 +325,8 @@ def _dkv_kernel(*refs, cfg: _Config):
     Works in the transposed frame (key rows, query columns) so every dot has its
     left operand untransposed, as in the Triton fused-attention tutorial.
     """
-    r = _unpack(refs, cfg, _DKV_INPUTS)
+    fused = cfg.blocks.backward == "fused"
+    r = _unpack(refs, cfg, _FUSED_INPUTS if fused else _DKV_INPUTS)
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv
     group = r["q"].shape[1]
     k = r["k"][...]  # [bk, D]
@@ -340,7 +351,11 @@ def _dkv_kernel(*refs, cfg: _Config):
         ds_t = p_t * (dp_t - r["delta"][g, qs][None, :])
         if t_t is not None:
             ds_t = ds_t * (1.0 - t_t * t_t)
-        return dk + plgpu.dot(ds_t.astype(q.dtype), q), dv
+        ds_t = ds_t.astype(q.dtype)
+        if fused:  # this key block's share of dq: ds @ k, added to the f32 buffer
+            dq = plgpu.dot(ds_t, k, trans_a=True) * cfg.sm_scale  # [bq, D]
+            plgpu.atomic_add(r["dq"], (qs, g, slice(None)), dq)
+        return dk + plgpu.dot(ds_t, q), dv
 
     def per_head(g, carry):
         return _visit(r["spans"], r["q"].shape[0] // bq,
@@ -375,10 +390,11 @@ def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, 
     params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd,
                                   num_stages=blocks.num_stages_bwd)
 
+    fused = blocks.backward == "fused"
     bq, bk = blocks.block_q_dq, blocks.block_kv_dq
     name = f"flash_bwd_dq_bq{bq}_bk{bk}"
     with jax.named_scope(name):
-        dq = pl.pallas_call(
+        dq = None if fused else pl.pallas_call(
             functools.partial(_dq_kernel, cfg=cfg),
             grid=(tq // bq, b, h),
             in_specs=_mask_specs(cfg, tq, tk, bq, None) + [
@@ -397,11 +413,19 @@ def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, 
         )(spans_dq, q_pos, kv_pos, *segs, q, k, v, do, lse2, delta)
 
     bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv
-    name = f"flash_bwd_dkv_bq{bq}_bk{bk}"
+    name = f"flash_bwd_{'fused' if fused else 'dkv'}_bq{bq}_bk{bk}"
+    # One program per (key block, batch, kv head); it loops over the `group` query
+    # heads of its kv head, so query-side blocks span all of them: [Tq, group, D].
+    # Fused: every program of a (batch, kv head) adds into the same dq slab, which
+    # the launch order (key blocks fastest) keeps hot in L2 while they run.
+    dq_spec = pl.BlockSpec((None, tq, group, d), lambda j, bb, hh: (bb, 0, hh, 0))
+    extra_in, extra_specs, extra_out, extra_shape, aliases = [], [], [], [], {}
+    if fused:
+        extra_in, extra_specs = [jnp.zeros(q.shape, jnp.float32)], [dq_spec]
+        extra_out, extra_shape = [dq_spec], [jax.ShapeDtypeStruct(q.shape, jnp.float32)]
+        aliases = {len(segs) + 9: 2}  # dq_zeros (after spans, 2 positions, segs, 6 arrays) -> dq
     with jax.named_scope(name):
-        # One program per (key block, batch, kv head); it loops over the `group` query
-        # heads of its kv head, so query-side blocks span all of them: [Tq, group, D].
-        dk, dv_ = pl.pallas_call(
+        outs = pl.pallas_call(
             functools.partial(_dkv_kernel, cfg=cfg),
             grid=(tk // bk, b, hkv),
             in_specs=_mask_specs(cfg, tq, tk, None, bk) + [
@@ -411,15 +435,20 @@ def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, 
                 pl.BlockSpec((None, tq, group, dv), lambda j, bb, hh: (bb, 0, hh, 0)),
                 pl.BlockSpec((None, group, tq), lambda j, bb, hh: (bb, hh, 0)),
                 pl.BlockSpec((None, group, tq), lambda j, bb, hh: (bb, hh, 0)),
-            ],
+            ] + extra_specs,
             out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, bb, hh: (bb, j, hh, 0)),
-                       pl.BlockSpec((None, bk, None, dv), lambda j, bb, hh: (bb, j, hh, 0))],
+                       pl.BlockSpec((None, bk, None, dv), lambda j, bb, hh: (bb, j, hh, 0))]
+            + extra_out,
             out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                       jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                       jax.ShapeDtypeStruct(v.shape, v.dtype)] + extra_shape,
+            input_output_aliases=aliases,
             compiler_params=params,
             interpret=cfg.interpret,
             name=name,
-        )(spans_dkv, q_pos, kv_pos, *segs, q, k, v, do, lse2, delta)
+        )(spans_dkv, q_pos, kv_pos, *segs, q, k, v, do, lse2, delta, *extra_in)
+    dk, dv_ = outs[:2]
+    if fused:
+        dq = outs[2].astype(q.dtype)
     return dq, dk, dv_
 
 

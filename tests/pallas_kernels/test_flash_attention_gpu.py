@@ -8,6 +8,7 @@ case packs several features together; the full grid is marked slow.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -22,6 +23,8 @@ from pallas_kernels.flash_attention import api, gpu, gpu_tiling, reference
 # Small tiles so that short test sequences still span several blocks in every kernel.
 SMALL = gpu.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_kv_dkv=32,
                        block_q_dq=32, block_kv_dq=16, num_warps=4, num_warps_bwd=4)
+FUSED = dataclasses.replace(SMALL, backward="fused")  # dq by atomic adds in the dk/dv kernel
+BACKWARDS = pytest.mark.parametrize("blocks", [SMALL, FUSED], ids=["split", "fused"])
 ON_GPU = jax.default_backend() == "gpu"
 
 
@@ -76,23 +79,26 @@ def _check(kw, *, b=1, tq=40, tk=40, h=4, hkv=2, d=32, dv=None, dtype=jnp.float3
 
 
 # ----------------------------------------------------------------------------- fast cases
-def test_noncausal_gqa_f32():
+@BACKWARDS
+def test_noncausal_gqa_f32(blocks):
     # No mask at all and whole blocks: the kernels' single unmasked loop. GQA 2:1.
-    _check({}, tq=32, tk=64)
+    _check({}, tq=32, tk=64, block_sizes=blocks)
 
 
-def test_causal_segments_softcap_shorter_queries_f32():
+@BACKWARDS
+def test_causal_segments_softcap_shorter_queries_f32(blocks):
     # Causal aligned at the end with q_len != kv_len, GQA 4:1, soft-cap, packed
     # documents with padding (0), and a query segment (7) with no key: fully masked rows.
     tq, tk = 24, 40
     kv_seg = jnp.array([[1] * 12 + [2] * 20 + [0] * 8, [3] * 40])
     q_seg = jnp.array([[2] * 10 + [7] * 6 + [0] * 8, [3] * 20 + [7] * 4])
     o = _check(dict(causal=True, logit_soft_cap=5.0, segment_ids=(q_seg, kv_seg)),
-               b=2, tq=tq, tk=tk, h=4, hkv=1)
+               b=2, tq=tq, tk=tk, h=4, hkv=1, block_sizes=blocks)
     chex.assert_trees_all_equal(o[0, 10:16], jnp.zeros_like(o[0, 10:16]))
 
 
-def test_window_positions_gqa8_head_dim_192_bf16():
+@BACKWARDS
+def test_window_positions_gqa8_head_dim_192_bf16(blocks):
     # Striped layout as ring attention sees it (shard r of 2 holds tokens r, r+2, ...):
     # causal sliding window on those global positions, GQA 8:1, qk head dim 192 with
     # v head dim 128 (DeepSeek), bf16, length 48 padded to whole blocks.
@@ -100,16 +106,17 @@ def test_window_positions_gqa8_head_dim_192_bf16():
     q_pos = (2 * jnp.arange(t, dtype=jnp.int32) + 1)[None]
     kv_pos = (2 * jnp.arange(t, dtype=jnp.int32))[None]
     _check(dict(causal=True, sliding_window=9, q_positions=q_pos, kv_positions=kv_pos),
-           tq=t, tk=t, h=8, hkv=1, d=192, dv=128, dtype=jnp.bfloat16)
+           tq=t, tk=t, h=8, hkv=1, d=192, dv=128, dtype=jnp.bfloat16, block_sizes=blocks)
 
 
-def test_sinks_causal_through_api_f32():
+@BACKWARDS
+def test_sinks_causal_through_api_f32(blocks):
     # Attention sinks (gpt-oss), dispatched through api.flash_attention(impl="pallas_gpu");
     # gradients with respect to the sinks too. Length 40 is padded inside.
     q, k, v, do, _ = _inputs(3, 1, 40, 40, 4, 2, 32, 32, jnp.float32)
     sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
     kernel = lambda q, k, v, s: api.flash_attention(q, k, v, causal=True, sinks=s,
-                                                    impl="pallas_gpu", block_sizes=SMALL)
+                                                    impl="pallas_gpu", block_sizes=blocks)
     ref = lambda q, k, v, s: reference.mha_reference(q, k, v, causal=True, sinks=s)
     out, vjp = jax.vjp(kernel, q, k, v, sinks)
     out_ref, vjp_ref = jax.vjp(ref, q, k, v, sinks)
@@ -174,6 +181,7 @@ def test_block_spans_cover_mask(seed):
     (dict(block_kv_dkv=8), "block_kv_dkv"),
     (dict(num_warps=3), "num_warps"),
     (dict(num_stages_bwd=0), "num_stages_bwd"),
+    (dict(backward="atomic"), "backward"),
 ])
 def test_block_sizes_reject_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):
