@@ -326,13 +326,16 @@ class Engine:
     def _prefix_in_flight(self, req: _Request, admitted) -> bool:
         """True if a request admitted this step computes at least a page of `req`'s
         prompt that the radix tree does not hold yet."""
-        ps = self.tables.page_size
-        cached = self.radix.match_prefix(req.tokens[:-1], record_stats=False).length
-        for slot, _ in admitted:
-            shared = _common_prefix_len(req.tokens[:-1], self.slots[slot].tokens)
-            if shared // ps * ps > cached:
-                return True
-        return False
+        if not admitted:
+            return False
+        prompt = req.tokens[:-1]
+        cached = self.radix.match_prefix(prompt, record_stats=False).length  # whole pages
+        need = cached + self.tables.page_size  # one more full page in common
+        if len(prompt) < need:
+            return False
+        head = prompt[:need]
+        # One C-speed list comparison per admitted request (prompts run to thousands of tokens).
+        return any(self.slots[slot].tokens[:need] == head for slot, _ in admitted)
 
     def _allocate(self, req: _Request) -> int | None:
         """Pages for a request's tokens, reusing a radix-cached prefix; None if none free."""
@@ -534,12 +537,3 @@ class Engine:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
-
-
-def _common_prefix_len(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):  # stop at the shorter
-        if x != y:
-            break
-        n += 1
-    return n

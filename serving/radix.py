@@ -124,7 +124,7 @@ class RadixCache:
         node.last_access = now
         while i < len(chunks) and chunks[i] in node.children:
             child = node.children[chunks[i]]
-            n = _common_prefix_len(child.key, chunks[i:])
+            n = common_prefix_len(child.key, chunks[i:])
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now
@@ -221,13 +221,25 @@ class RadixCache:
 
     def _chunks(self, tokens: Sequence[int]) -> list[tuple[int, ...]]:
         ps = self.page_size
-        return [tuple(int(t) for t in tokens[i:i + ps]) for i in range(0, len(tokens) - ps + 1, ps)]
+        toks = tokens if isinstance(tokens, list) else [int(t) for t in tokens]
+        return [tuple(toks[i:i + ps]) for i in range(0, len(toks) - ps + 1, ps)]
 
 
-def _common_prefix_len(a: Sequence, b: Sequence) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):  # lengths differ: stop at the shorter
-        if x != y:
-            break
-        n += 1
-    return n
+def common_prefix_len(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common prefix of two sequences.
+
+    Slices of tuples compare in C, so a binary search over prefix lengths beats a
+    Python loop over thousands of tokens (the engine calls this per request pair).
+    """
+    a, b = tuple(a), tuple(b)
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

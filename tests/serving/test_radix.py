@@ -173,3 +173,14 @@ def test_hit_rate_and_partial_pages():
     assert cache.hit_rate == pytest.approx(4 / 11)
     with pytest.raises(ValueError, match="must cover"):
         cache.insert(list(range(8)), pages[:1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2), max_size=20), st.lists(st.integers(0, 2), max_size=20))
+def test_common_prefix_len_matches_a_plain_loop(a, b):
+    from serving.radix import common_prefix_len
+
+    want = 0
+    while want < min(len(a), len(b)) and a[want] == b[want]:
+        want += 1
+    assert common_prefix_len(a, b) == want == common_prefix_len(tuple(a), b)
