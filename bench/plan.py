@@ -16,7 +16,11 @@ Caveats (they matter when reading the numbers):
   * DeepSeek-V3 has 3 dense layers then 58 MoE layers; `nnx.scan` needs identical layers,
     so the plan compiles 61 MoE layers (first_k_dense=0): ~30B parameters more than the
     real model (an upper bound, 4.6%).
-  * Expert parallelism uses sharding/expert.py's padded all_to_all buffers (dropless).
+  * Expert parallelism uses sharding/expert.py's padded all_to_all buffers (dropless by
+    default). XLA:CPU lowers `jax.lax.ragged_dot` (the dropless experts) by expanding it
+    to a masked dense product over every local expert, which inflates temporaries ~15x;
+    GPU/TPU lower it to `chlo.ragged_dot`. Plan MoE models with `--dispatch=capacity`
+    (exact-size buffers, batched einsums) to get figures that mean something.
 """
 from __future__ import annotations
 
@@ -35,6 +39,24 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 LIMITS_GIB = {"H100 (80 GiB)": 80, "TPU v5p (95 GiB)": 95}
 
 
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
+                "s64": 8, "f64": 8}
+
+
+def largest_values(hlo: str, n: int):
+    """The n largest array values defined in the (per-device) HLO text: (bytes, line)."""
+    found = []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]", line)
+        if m and m.group(1) in _DTYPE_BYTES:
+            dims = [int(d) for d in m.group(2).split(",") if d]
+            size = _DTYPE_BYTES[m.group(1)]
+            for d in dims:
+                size *= d
+            found.append((size, line.strip()))
+    return sorted(found, key=lambda t: -t[0])[:n]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(PLANS), default="llama3_70b")
@@ -44,6 +66,13 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable"))
+    p.add_argument("--layers", type=int, default=None, help="fewer layers (to see how memory scales)")
+    p.add_argument("--dispatch", default=None, choices=("dropless", "capacity"),
+                   help="MoE dispatch (default: the config's)")
+    p.add_argument("--capacity-factor", type=float, default=1.25, help="with --dispatch=capacity")
+    p.add_argument("--capacity-scope", default="shard", choices=("global", "shard"),
+                   help="with --dispatch=capacity (sharding/expert.py)")
+    p.add_argument("--largest", type=int, default=0, help="print the N largest HLO values")
     p.add_argument("--out", default=None, help="append a markdown row to this file")
     return p.parse_args(argv)
 
@@ -75,6 +104,11 @@ def main(argv=None):
     cfg.update(scan_layers=True, remat=args.remat, param_dtype=args.param_dtype, max_seq_len=max(seq, 8))
     if cfg.moe is not None:
         cfg.moe.first_k_dense = 0  # scan needs identical layers (see module docstring)
+    if args.layers:
+        cfg.num_layers = args.layers
+    if cfg.moe is not None and args.dispatch:
+        cfg.moe.dispatch = args.dispatch
+        cfg.moe.capacity_factor = args.capacity_factor if args.dispatch == "capacity" else None
     mesh, rules = sharding.make_mesh(mesh_cfg), sharding.make_rules(preset)
     sharding.check_model_config(cfg, mesh, rules)
     total, active = count_params(cfg)
@@ -109,7 +143,9 @@ def main(argv=None):
         return loss, optax.apply_updates(p, updates), opt_state
 
     t0 = time.time()
-    with sharding.activate(mesh, rules):
+    from sharding.expert import capacity_scope
+
+    with sharding.activate(mesh, rules), capacity_scope(args.capacity_scope):
         lowered = jax.jit(step, out_shardings=(None, p_sh, o_sh), donate_argnums=(0, 2)).lower(
             params, rest, opt_state, tokens)
         compiled = lowered.compile()
@@ -130,6 +166,9 @@ def main(argv=None):
           f"(aliased {alias_b / gib:.2f}), temporaries {tmp_b / gib:.2f} GiB -> peak {peak / gib:.2f} GiB")
     print(f"  fits: {fits}")
     print(f"  collectives in HLO: {counts}")
+    if args.largest:
+        for size, line in largest_values(hlo, args.largest):
+            print(f"  {size / gib:8.2f} GiB  {line[:160]}")
     if args.out:
         row = (f"| {args.model} | {total / 1e9:.0f}B | {mesh.size} | {mesh_s} | {rules.name} | "
                f"{batch}x{seq} | {args.param_dtype} | {args.remat} | {arg_b / gib:.1f} | "
