@@ -33,6 +33,7 @@ engine after a warm-up run of the same workload that compiles every shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
@@ -228,8 +229,6 @@ def shared_prefix_workload(*, requests, prefix_len, suffix_len, vocab, seed=0):
 
 def run_engine(model, prompts, *, new_tokens, profile=None, **engine_kw):
     """(outputs, seconds, stats) of one run of `prompts` on a fresh engine."""
-    import contextlib
-
     from serving.engine import Engine
 
     engine = Engine(model, **engine_kw)

@@ -255,8 +255,9 @@ class PagedKV(_Attend):
     and lengths [B] int32 say where each sequence's tokens are (token t of row b at
     page page_table[b, t // page_size], slot t % page_size). Positions are slot
     indices: a row's new tokens must sit at positions lengths[b], lengths[b] + 1, ...
-    The host (serving/paged.py BlockTables) owns the tables; the engine sets them
-    with `set_page_tables` before each call.
+    The host (serving/paged.py BlockTables) owns the tables; `set_page_tables` puts
+    them into a cache, and the engine builds a PagedKV from its pools and the host's
+    tables inside each jitted call (any number of rows: prefill runs only new requests).
     """
 
     k_pages: jax.Array

@@ -226,20 +226,10 @@ class RadixCache:
 
 
 def common_prefix_len(a: Sequence, b: Sequence) -> int:
-    """Length of the longest common prefix of two sequences.
-
-    Slices of tuples compare in C, so a binary search over prefix lengths beats a
-    Python loop over thousands of tokens (the engine calls this per request pair).
-    """
-    a, b = tuple(a), tuple(b)
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    """Length of the longest common prefix of two sequences (here: lists of page chunks)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):  # lengths differ: stop at the shorter
+        if x != y:
+            break
+        n += 1
+    return n

@@ -418,12 +418,13 @@ def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, 
     # heads of its kv head, so query-side blocks span all of them: [Tq, group, D].
     # Fused: every program of a (batch, kv head) adds into the same dq slab, which
     # the launch order (key blocks fastest) keeps hot in L2 while they run.
+    args = [spans_dkv, q_pos, kv_pos, *segs, q, k, v, do, lse2, delta]
     dq_spec = pl.BlockSpec((None, tq, group, d), lambda j, bb, hh: (bb, 0, hh, 0))
-    extra_in, extra_specs, extra_out, extra_shape, aliases = [], [], [], [], {}
-    if fused:
-        extra_in, extra_specs = [jnp.zeros(q.shape, jnp.float32)], [dq_spec]
-        extra_out, extra_shape = [dq_spec], [jax.ShapeDtypeStruct(q.shape, jnp.float32)]
-        aliases = {len(segs) + 9: 2}  # dq_zeros (after spans, 2 positions, segs, 6 arrays) -> dq
+    extra_specs, extra_out, extra_shape, aliases = [], [], [], {}
+    if fused:  # a zeroed f32 buffer, aliased to the third output (dq)
+        args.append(jnp.zeros(q.shape, jnp.float32))
+        extra_specs, extra_out = [dq_spec], [dq_spec]
+        extra_shape, aliases = [jax.ShapeDtypeStruct(q.shape, jnp.float32)], {len(args) - 1: 2}
     with jax.named_scope(name):
         outs = pl.pallas_call(
             functools.partial(_dkv_kernel, cfg=cfg),
@@ -445,7 +446,7 @@ def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, 
             compiler_params=params,
             interpret=cfg.interpret,
             name=name,
-        )(spans_dkv, q_pos, kv_pos, *segs, q, k, v, do, lse2, delta, *extra_in)
+        )(*args)
     dk, dv_ = outs[:2]
     if fused:
         dq = outs[2].astype(q.dtype)
