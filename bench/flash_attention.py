@@ -24,7 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import gpu
+from pallas_kernels.flash_attention import gpu, gpu_hopper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,34 @@ def _inputs(case: Case):
 def _ours(case: Case, block_sizes=None):
     return functools.partial(gpu.flash_attention, causal=case.causal,
                              sliding_window=case.window, block_sizes=block_sizes)
+
+
+def _ours_triton(case: Case):
+    """Our kernels with the Triton forward (what "ours" was before the Hopper forward)."""
+    return _ours(case, dataclasses.replace(gpu.BlockSizes.get_default(case.head_dim),
+                                           forward="triton"))
+
+
+def _jax_mosaic(case: Case):
+    """jax's bundled FlashAttention-3 example in Mosaic GPU (attention_mgpu.attention).
+
+    It has no softmax scale (q is pre-scaled here), no window, f16 shared memory (so it
+    gets f16 inputs: `run_cases` casts them outside the timed call), and its backward
+    does not take causal masks.
+    """
+    if case.window is not None:
+        return None
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    config = attention_mgpu.TuningConfig(
+        block_q=64, block_kv=gpu_hopper.HopperBlocks.get_default(case.head_dim).block_kv,
+        max_concurrent_steps=2, causal=case.causal,
+        block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+
+    def fn(q, k, v):
+        return attention_mgpu.attention(q * jnp.asarray(case.head_dim**-0.5, q.dtype), k, v,
+                                        config=config)
+    return fn
 
 
 def _dpa(case: Case, implementation: str):
@@ -129,13 +157,18 @@ def _tflops(case, secs, mult=1.0):
     return case.flops_fwd() * mult / secs / 1e12 if isinstance(secs, float) else None
 
 
-def run_cases(cases, peers=("cudnn", "jax_pallas", "xla"), block_sizes=None):
+def run_cases(cases, peers=("ours_triton", "cudnn", "jax_mosaic", "jax_pallas", "xla"),
+              block_sizes=None):
     rows = []
     for case in cases:
         q, k, v, do = _inputs(case)
         impls = {"ours": _ours(case, block_sizes)}
+        if "ours_triton" in peers:
+            impls["ours_triton"] = _ours_triton(case)
         if "cudnn" in peers:
             impls["cudnn"] = _dpa(case, "cudnn")
+        if "jax_mosaic" in peers:
+            impls["jax_mosaic"] = _jax_mosaic(case)
         if "jax_pallas" in peers:
             impls["jax_pallas"] = _jax_pallas(case)
         if "xla" in peers and case.seq <= 4096:  # XLA materialises [B,H,S,S] logits
@@ -144,7 +177,10 @@ def run_cases(cases, peers=("cudnn", "jax_pallas", "xla"), block_sizes=None):
         for name, attn in impls.items():
             if attn is None:
                 continue
-            t_f, t_fb = measure(case, attn, q, k, v, do)
+            args = (q, k, v, do)
+            if name == "jax_mosaic":  # f16 only (see _jax_mosaic)
+                args = tuple(x.astype(jnp.float16) for x in args)
+            t_f, t_fb = measure(case, attn, *args)
             row[name] = {"fwd_s": t_f, "fwd_bwd_s": t_fb,
                          "fwd_tflops": _tflops(case, t_f), "fwd_bwd_tflops": _tflops(case, t_fb, 3.5)}
         if "cudnn" in impls:  # sanity: same outputs as cuDNN
@@ -168,15 +204,20 @@ def _ratio(row, a, b, key):
     return f"{x / y:.2f}×" if x and y else "—"
 
 
+TABLE_IMPLS = ("ours", "ours_triton", "cudnn", "jax_mosaic", "jax_pallas", "xla")
+TABLE_NAMES = ("ours", "ours (Triton fwd)", "cuDNN", "jax Mosaic FA3", "jax Pallas", "XLA")
+
+
 def table(rows):
-    lines = ["| case | ours fwd | cuDNN fwd | jax Pallas fwd | XLA fwd | ours fwd+bwd | cuDNN fwd+bwd "
-             "| jax Pallas fwd+bwd | XLA fwd+bwd | ours/cuDNN fwd | ours/cuDNN f+b | ours/jax-Pallas f+b |",
-             "|" + "---|" * 12]
+    heads = [f"{n} {k}" for k in ("fwd", "fwd+bwd") for n in TABLE_NAMES]
+    heads += ["ours/cuDNN fwd", "ours/cuDNN f+b", "ours/jax-Mosaic fwd", "ours/jax-Pallas f+b"]
+    lines = ["| case | " + " | ".join(heads) + " |", "|" + "---|" * (len(heads) + 1)]
     for r in rows:
         cells = [r["case"]]
         for key in ("fwd_tflops", "fwd_bwd_tflops"):
-            cells += [_fmt(r.get(n, {}).get(key)) for n in ("ours", "cudnn", "jax_pallas", "xla")]
+            cells += [_fmt(r.get(n, {}).get(key)) for n in TABLE_IMPLS]
         cells += [_ratio(r, "ours", "cudnn", "fwd_tflops"), _ratio(r, "ours", "cudnn", "fwd_bwd_tflops"),
+                  _ratio(r, "ours", "jax_mosaic", "fwd_tflops"),
                   _ratio(r, "ours", "jax_pallas", "fwd_bwd_tflops")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -222,16 +263,42 @@ def sweep(head_dim: int):
               f"{_fmt(_tflops(case, t_fb, 3.5))} TF/s  {bs}", flush=True)
 
 
+def sweep_hopper(head_dim: int):
+    """Tiles of the Hopper (Mosaic GPU) forward at S=8192, causal and full, forward only."""
+    for causal in (True, False):
+        case = Case(8192, causal, head_dim=head_dim)
+        q, k, v, _ = _inputs(case)
+        for block_kv in (64, 128, 256):
+            for stages in (2, 3, 4):
+                tiles = gpu_hopper.HopperBlocks(block_kv=block_kv, stages=stages)
+                if tiles.smem_bytes(head_dim) > gpu_hopper.SMEM_BYTES:
+                    continue
+                fn = jax.jit(functools.partial(gpu_hopper.forward, causal=causal,
+                                               sm_scale=head_dim**-0.5, blocks=tiles))
+                try:
+                    t = _median_time(fn, q, k, v)
+                    print(f"hopper D={head_dim} {case.name} bkv={block_kv} stages={stages}: "
+                          f"fwd {_fmt(_tflops(case, t))} TF/s", flush=True)
+                except Exception as e:  # noqa: BLE001 - a tiling the compiler rejects
+                    print(f"hopper {case.name} bkv={block_kv} stages={stages}: "
+                          f"{type(e).__name__}: {str(e)[:150]}", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-hopper", action="store_true",
+                        help="tiles of the Hopper forward (gpu_hopper.py)")
     parser.add_argument("--head-dim", type=int, default=128, help="for --sweep")
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__}, device: {jax.devices()[0].device_kind}", flush=True)
     if args.sweep:
         sweep(args.head_dim)
+        return
+    if args.sweep_hopper:
+        sweep_hopper(args.head_dim)
         return
     if args.quick:
         cases = [Case(8192, True)]

@@ -32,12 +32,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import api, reference
+from pallas_kernels.flash_attention import api, gpu_hopper, reference
 from pallas_kernels.flash_attention.gpu_tiling import block_spans
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 BACKWARDS = ("split", "fused")
+FORWARDS = ("auto", "triton", "hopper")
 _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq")
 
 
@@ -54,6 +55,10 @@ class BlockSizes:
         deterministic) or "fused" (the dk/dv kernel also adds each tile's dq into an
         f32 buffer with atomic adds, as FlashAttention-2 does: 5 matmuls, no second
         pass, summation order not fixed).
+      forward: "auto" (the warp-specialised Mosaic GPU kernel of gpu_hopper.py when the
+        code runs compiled on a Hopper GPU and the call is one it covers, else Triton),
+        "triton" (always this file's kernel) or "hopper" (gpu_hopper.py or a ValueError
+        saying why not). The backward is this file's either way.
     All blocks are powers of two >= 16 (Triton's dot needs that); blocks longer than
     the sequence shrink to it, and sequences are padded to whole blocks.
     """
@@ -69,10 +74,13 @@ class BlockSizes:
     num_warps_bwd: int = 8
     num_stages_bwd: int = 3
     backward: str = "split"
+    forward: str = "auto"
 
     def __post_init__(self):
         if self.backward not in BACKWARDS:
             raise ValueError(f"BlockSizes.backward={self.backward!r} must be one of {BACKWARDS}")
+        if self.forward not in FORWARDS:
+            raise ValueError(f"BlockSizes.forward={self.forward!r} must be one of {FORWARDS}")
         for name in _BLOCK_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
@@ -125,6 +133,7 @@ class _Config:
     masked: bool  # whether any tile can need the element-wise mask
     blocks: BlockSizes
     interpret: bool
+    hopper: gpu_hopper.HopperBlocks | None = None  # forward by gpu_hopper.py when set
 
 
 def _next_pow2(n: int) -> int:
@@ -462,7 +471,11 @@ def _flash(q, k, v, sinks, masks, cfg: _Config):
 
 def _flash_fwd(q, k, v, sinks, masks, cfg: _Config):
     q_pos, kv_pos, q_seg, kv_seg, spans_fwd, _, _ = masks
-    o, lse = _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, spans_fwd, cfg)
+    if cfg.hopper is not None:
+        o, lse = gpu_hopper.forward(q, k, v, causal=cfg.causal, sm_scale=cfg.sm_scale,
+                                    blocks=cfg.hopper)
+    else:
+        o, lse = _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, spans_fwd, cfg)
     return (o, lse), (q, k, v, sinks, masks, o, lse)
 
 
@@ -531,6 +544,7 @@ def flash_attention_with_lse(
     tk_pad = _round_up(tk, max(blocks.block_k, blocks.block_kv_dq, blocks.block_kv_dkv))
     d_pad, dv_pad = _next_pow2(max(d, 16)), _next_pow2(max(dv, 16))
 
+    q_positions_given = q_positions
     if q_positions is None:
         q_positions, kv_positions = reference.default_positions(b, tq, tk)
     q_seg, kv_seg = reference.split_segment_ids(segment_ids, tq, tk)
@@ -550,8 +564,12 @@ def flash_attention_with_lse(
         q_seg = pad_seq(q_seg.astype(jnp.int32), tq_pad, "edge")
         kv_seg = pad_seq(kv_seg.astype(jnp.int32), tk_pad, "edge")
 
+    hopper = _hopper_blocks(q, k, v, blocks, interpret, tq_pad=tq_pad, tk_pad=tk_pad,
+                            sliding_window=sliding_window, segment_ids=segment_ids,
+                            q_positions=q_positions_given, logit_soft_cap=logit_soft_cap,
+                            sinks=sinks)
     masked = causal or sliding_window is not None or has_segments or tk_pad != tk
-    cfg = _Config(causal=causal, sliding_window=sliding_window,
+    cfg = _Config(hopper=hopper, causal=causal, sliding_window=sliding_window,
                   logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
                   sm_scale=float(sm_scale), has_segments=has_segments,
                   has_sinks=sinks is not None, kv_len=tk, masked=masked, blocks=blocks,
@@ -566,6 +584,28 @@ def flash_attention_with_lse(
     o, lse = _flash(pad_heads(q, tq_pad, d_pad), pad_heads(k, tk_pad, d_pad),
                     pad_heads(v, tk_pad, dv_pad), sinks32, masks, cfg)
     return o[:, :tq, :, :dv], lse[:, :, :tq]
+
+
+def _is_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
+
+
+def _hopper_blocks(q, k, v, blocks: BlockSizes, interpret: bool, *, tq_pad, tk_pad, **features):
+    """The Hopper forward's tiles if it takes this call (see BlockSizes.forward), else None."""
+    if blocks.forward == "triton" or (blocks.forward == "auto" and (interpret or not _is_hopper())):
+        return None
+    tiles = gpu_hopper.HopperBlocks.get_default(q.shape[3])
+    reason = gpu_hopper.unsupported_reason(q, k, v, blocks=tiles, **features)
+    if reason is None and (tq_pad, tk_pad) != (q.shape[1], k.shape[1]):
+        reason = f"sequence padded for the backward's tiles ({q.shape[1]} -> {tq_pad})"
+    if reason is None and interpret:
+        reason = "the Mosaic GPU kernel has no interpret mode here (run it compiled on Hopper)"
+    if reason is None:
+        return tiles
+    if blocks.forward == "hopper":
+        raise ValueError(f"BlockSizes.forward='hopper' cannot take this call: {reason}")
+    return None
 
 
 def flash_attention(q, k, v, **kwargs):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from pallas_kernels.flash_attention import api, gpu, gpu_tiling, reference
+from pallas_kernels.flash_attention import api, gpu, gpu_hopper, gpu_tiling, reference
 
 # Small tiles so that short test sequences still span several blocks in every kernel.
 SMALL = gpu.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_kv_dkv=32,
@@ -182,6 +182,7 @@ def test_block_spans_cover_mask(seed):
     (dict(num_warps=3), "num_warps"),
     (dict(num_stages_bwd=0), "num_stages_bwd"),
     (dict(backward="atomic"), "backward"),
+    (dict(forward="cuda"), "forward"),
 ])
 def test_block_sizes_reject_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -227,3 +228,84 @@ def test_head_dims(d, dv, causal):
 @pytest.mark.parametrize("tq, tk", [(17, 80), (80, 17), (1, 33), (64, 64)])
 def test_lengths_softcap(tq, tk):
     _check(dict(causal=True, logit_soft_cap=3.0), tq=tq, tk=tk, h=2, hkv=1)
+
+
+# ----------------------------------------------------------------------------- Hopper forward
+# gpu_hopper.py is a Mosaic GPU kernel (warpgroup MMA, TMA, warp specialisation): it lowers
+# only on a Hopper GPU and jax's Mosaic GPU interpreter cannot run it (no `run_state`), so
+# its numerical tests run compiled on an H100/H200 (`JAX_PLATFORMS=cuda pytest -k hopper`).
+# On CPU the tests below check who takes which call and the errors.
+HOPPER = gpu.BlockSizes(forward="hopper")  # the Hopper forward or a ValueError saying why not
+ON_HOPPER = ON_GPU and gpu._is_hopper()
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="compiled Mosaic GPU kernel: runs on a Hopper GPU")
+@pytest.mark.parametrize("d, causal, h, hkv, t, dtype", [
+    (128, True, 4, 4, 512, jnp.bfloat16),
+    (128, False, 8, 2, 256, jnp.bfloat16),
+    (128, True, 8, 1, 1024, jnp.float16),
+    (64, True, 4, 1, 512, jnp.bfloat16),
+    (64, False, 2, 2, 768, jnp.bfloat16),
+    (256, True, 4, 2, 384, jnp.bfloat16),
+    (256, False, 2, 2, 128, jnp.float16),
+])
+def test_hopper_forward_and_gradients(d, causal, h, hkv, t, dtype):
+    """Hopper forward (+ the Triton backward from its log-sum-exp) vs the f32 reference."""
+    _check(dict(causal=causal), b=2, tq=t, tk=t, h=h, hkv=hkv, d=d, dtype=dtype,
+           block_sizes=HOPPER)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="compiled Mosaic GPU kernel: runs on a Hopper GPU")
+def test_hopper_matches_triton_forward():
+    """Both forwards on one bf16 problem: outputs within bf16 rounding, lse within f32 noise."""
+    q, k, v, _, _ = _inputs(0, 2, 2048, 2048, 8, 2, 128, 128, jnp.bfloat16)
+    o_h, lse_h = gpu.flash_attention_with_lse(q, k, v, causal=True, block_sizes=HOPPER)
+    o_t, lse_t = gpu.flash_attention_with_lse(
+        q, k, v, causal=True, block_sizes=gpu.BlockSizes(forward="triton"))
+    chex.assert_trees_all_close(o_h.astype(jnp.float32), o_t.astype(jnp.float32), atol=1e-2)
+    chex.assert_trees_all_close(lse_h, lse_t, atol=1e-3)
+
+
+@pytest.mark.parametrize("kw, shapes, reason", [
+    (dict(segment_ids=jnp.ones((1, 256), jnp.int32)), None, "segment_ids"),
+    (dict(sliding_window=64), None, "sliding_window"),
+    (dict(logit_soft_cap=30.0), None, "logit_soft_cap"),
+    ({}, dict(dtype=jnp.float32), "dtype"),
+    ({}, dict(d=96), "head dims"),
+    ({}, dict(tk=512), "q_len"),
+    ({}, dict(t=320), "multiple"),
+    ({}, dict(t=128), "shorter"),
+])
+def test_hopper_unsupported_reason(kw, shapes, reason):
+    shapes = dict(dict(t=256, tk=None, d=128, dtype=jnp.bfloat16), **(shapes or {}))
+    t, d = shapes["t"], shapes["d"]
+    q = jax.ShapeDtypeStruct((1, t, 4, d), shapes["dtype"])
+    kv = jax.ShapeDtypeStruct((1, shapes["tk"] or t, 2, d), shapes["dtype"])
+    tiles = gpu_hopper.HopperBlocks.get_default(d)
+    assert reason in gpu_hopper.unsupported_reason(q, kv, kv, blocks=tiles, **kw)
+
+
+def test_hopper_supported_case_has_no_reason():
+    q = jax.ShapeDtypeStruct((2, 1024, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)
+    tiles = gpu_hopper.HopperBlocks.get_default(128)
+    assert gpu_hopper.unsupported_reason(q, kv, kv, blocks=tiles, segment_ids=None,
+                                         sliding_window=None) is None
+    assert tiles.smem_bytes(128) <= gpu_hopper.SMEM_BYTES
+    for d in (64, 128, 256):  # every default tiling fits in shared memory
+        assert gpu_hopper.HopperBlocks.get_default(d).smem_bytes(d) <= gpu_hopper.SMEM_BYTES
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="checks the refusal off Hopper")
+def test_forward_hopper_refused_off_hopper():
+    """forward='hopper' where the kernel cannot run: a ValueError naming the field."""
+    q, k, v, _, _ = _inputs(0, 1, 256, 256, 4, 2, 128, 128, jnp.bfloat16)
+    with pytest.raises(ValueError, match="forward='hopper'"):
+        gpu.flash_attention(q, k, v, causal=True, block_sizes=HOPPER)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(block_kv=96), "block_kv"), (dict(block_q=32), "block_q"), (dict(stages=1), "stages")])
+def test_hopper_blocks_reject_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        gpu_hopper.HopperBlocks(**kwargs)
