@@ -2,10 +2,13 @@
 
     PYTHONPATH=. python bench/flash_attention.py              # full table (H100: ~3 min)
     PYTHONPATH=. python bench/flash_attention.py --quick      # S=8192 causal only
-    PYTHONPATH=. python bench/flash_attention.py --sweep --head-dim 256   # tune blocks
+    PYTHONPATH=. python bench/flash_attention.py --sweep --head-dim 256   # tune Triton blocks
+    PYTHONPATH=. python bench/flash_attention.py --sweep-hopper   # tune the Mosaic GPU tiles
 
 Reports TFLOP/s of the forward and of forward+backward (bf16, BTHD), and the ratios of
-ours to each peer. FLOPs: 4·B·H·S²·D for the forward (two matmuls), half of it when
+ours to each peer. "ours" is what `gpu.flash_attention` picks by default (on Hopper the
+Mosaic GPU kernels of gpu_hopper*.py where they apply); "ours (Triton)" forces the Triton
+kernels; "jax Mosaic FA3" is jax's bundled Mosaic GPU example (f16, non-causal backward). FLOPs: 4·B·H·S²·D for the forward (two matmuls), half of it when
 causal (a sliding window W counts the kept pairs, about S·W), and 3.5× the forward for
 forward+backward (the backward's five matmuls), as FlashAttention-2 counts them.
 Each time is the median of several repetitions of back-to-back calls after warm-up,
@@ -24,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import gpu, gpu_hopper
+from pallas_kernels.flash_attention import gpu, gpu_hopper, gpu_hopper_bwd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +74,9 @@ def _ours(case: Case, block_sizes=None):
 
 
 def _ours_triton(case: Case):
-    """Our kernels with the Triton forward (what "ours" was before the Hopper forward)."""
+    """Our Triton kernels only (what "ours" is off Hopper, and was before the Mosaic GPU ones)."""
     return _ours(case, dataclasses.replace(gpu.BlockSizes.get_default(case.head_dim),
-                                           forward="triton"))
+                                           forward="triton", backward="split"))
 
 
 def _jax_mosaic(case: Case):
@@ -205,7 +208,7 @@ def _ratio(row, a, b, key):
 
 
 TABLE_IMPLS = ("ours", "ours_triton", "cudnn", "jax_mosaic", "jax_pallas", "xla")
-TABLE_NAMES = ("ours", "ours (Triton fwd)", "cuDNN", "jax Mosaic FA3", "jax Pallas", "XLA")
+TABLE_NAMES = ("ours", "ours (Triton)", "cuDNN", "jax Mosaic FA3", "jax Pallas", "XLA")
 
 
 def table(rows):
@@ -264,7 +267,29 @@ def sweep(head_dim: int):
 
 
 def sweep_hopper(head_dim: int):
-    """Tiles of the Hopper (Mosaic GPU) forward at S=8192, causal and full, forward only."""
+    """Tiles of the Hopper (Mosaic GPU) kernels at S=8192, causal and full.
+
+    The forward alone, then the backward alone (from a saved forward), in TFLOP/s of
+    the backward's count (2.5x the forward).
+    """
+    for causal in (True, False):
+        case = Case(8192, causal, head_dim=head_dim)
+        q, k, v, do = _inputs(case)
+        o, lse = gpu.flash_attention_with_lse(q, k, v, causal=causal)
+        delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+        for tiles in (gpu_hopper_bwd.HopperBackwardBlocks(bkv, bq, stages)
+                      for bkv in (64, 128) for bq in (64, 128) for stages in (2, 3, 4)):
+            if tiles.smem_bytes(head_dim) > gpu_hopper.SMEM_BYTES:
+                continue
+            fn = jax.jit(functools.partial(gpu_hopper_bwd.backward, causal=causal,
+                                           sm_scale=head_dim**-0.5, blocks=tiles))
+            try:
+                t = _median_time(fn, q, k, v, do, lse, delta)
+                print(f"hopper bwd D={head_dim} {case.name} {tiles}: "
+                      f"bwd {_fmt(_tflops(case, t, 2.5))} TF/s", flush=True)
+            except Exception as e:  # noqa: BLE001 - a tiling the compiler rejects
+                print(f"hopper bwd {case.name} {tiles}: {type(e).__name__}: {str(e)[:300]}",
+                      flush=True)
     for causal in (True, False):
         case = Case(8192, causal, head_dim=head_dim)
         q, k, v, _ = _inputs(case)

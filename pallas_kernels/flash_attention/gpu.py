@@ -32,12 +32,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import api, gpu_hopper, reference
+from pallas_kernels.flash_attention import api, gpu_hopper, gpu_hopper_bwd, reference
 from pallas_kernels.flash_attention.gpu_tiling import block_spans
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-BACKWARDS = ("split", "fused")
+BACKWARDS = ("auto", "split", "fused", "hopper")
 FORWARDS = ("auto", "triton", "hopper")
 _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq")
 
@@ -51,14 +51,16 @@ class BlockSizes:
       block_q_dkv, block_kv_dkv: tiles of the dk/dv kernel (a program per key block).
       block_q_dq, block_kv_dq: tiles of the dq kernel (a program per query block).
       num_warps, num_stages: forward launch; num_warps_bwd, num_stages_bwd: backward.
-      backward: "split" (a dq kernel and a dk/dv kernel: 7 matmuls per tile pair,
-        deterministic) or "fused" (the dk/dv kernel also adds each tile's dq into an
-        f32 buffer with atomic adds, as FlashAttention-2 does: 5 matmuls, no second
-        pass, summation order not fixed).
+      backward: "split" (Triton: a dq kernel and a dk/dv kernel, 7 matmuls per tile
+        pair, deterministic), "fused" (Triton: the dk/dv kernel also adds each tile's dq
+        into an f32 buffer with atomic adds, as FlashAttention-2 does: 5 matmuls, no
+        second pass, summation order not fixed), "hopper" (gpu_hopper_bwd.py's split
+        backward in Mosaic GPU, or a ValueError saying why not) or "auto" ("hopper"
+        where it runs, as `forward` decides, else "split").
       forward: "auto" (the warp-specialised Mosaic GPU kernel of gpu_hopper.py when the
         code runs compiled on a Hopper GPU and the call is one it covers, else Triton),
         "triton" (always this file's kernel) or "hopper" (gpu_hopper.py or a ValueError
-        saying why not). The backward is this file's either way.
+        saying why not).
     All blocks are powers of two >= 16 (Triton's dot needs that); blocks longer than
     the sequence shrink to it, and sequences are padded to whole blocks.
     """
@@ -73,7 +75,7 @@ class BlockSizes:
     num_stages: int = 3
     num_warps_bwd: int = 8
     num_stages_bwd: int = 3
-    backward: str = "split"
+    backward: str = "auto"
     forward: str = "auto"
 
     def __post_init__(self):
@@ -134,6 +136,7 @@ class _Config:
     blocks: BlockSizes
     interpret: bool
     hopper: gpu_hopper.HopperBlocks | None = None  # forward by gpu_hopper.py when set
+    hopper_bwd: gpu_hopper_bwd.HopperBackwardBlocks | None = None  # backward by gpu_hopper_bwd
 
 
 def _next_pow2(n: int) -> int:
@@ -487,6 +490,10 @@ def _flash_bwd(cfg: _Config, res, cotangents):
     # then also carries the log-sum-exp cotangent (d lse_i / d s_ij = p_ij).
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     delta = delta - dlse
+    if cfg.hopper_bwd is not None:
+        dq, dk, dv = gpu_hopper_bwd.backward(q, k, v, do, lse, delta, causal=cfg.causal,
+                                             sm_scale=cfg.sm_scale, blocks=cfg.hopper_bwd)
+        return dq, dk, dv, None, None
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)  # empty rows: p = 0
     dq, dk, dv = _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do.astype(q.dtype), lse2,
                            delta, spans_dq, spans_dkv, cfg)
@@ -564,12 +571,12 @@ def flash_attention_with_lse(
         q_seg = pad_seq(q_seg.astype(jnp.int32), tq_pad, "edge")
         kv_seg = pad_seq(kv_seg.astype(jnp.int32), tk_pad, "edge")
 
-    hopper = _hopper_blocks(q, k, v, blocks, interpret, tq_pad=tq_pad, tk_pad=tk_pad,
-                            sliding_window=sliding_window, segment_ids=segment_ids,
-                            q_positions=q_positions_given, logit_soft_cap=logit_soft_cap,
-                            sinks=sinks)
+    hopper, hopper_bwd = _hopper_blocks(
+        q, k, v, blocks, interpret, tq_pad=tq_pad, tk_pad=tk_pad,
+        sliding_window=sliding_window, segment_ids=segment_ids,
+        q_positions=q_positions_given, logit_soft_cap=logit_soft_cap, sinks=sinks)
     masked = causal or sliding_window is not None or has_segments or tk_pad != tk
-    cfg = _Config(hopper=hopper, causal=causal, sliding_window=sliding_window,
+    cfg = _Config(hopper=hopper, hopper_bwd=hopper_bwd, causal=causal, sliding_window=sliding_window,
                   logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
                   sm_scale=float(sm_scale), has_segments=has_segments,
                   has_sinks=sinks is not None, kv_len=tk, masked=masked, blocks=blocks,
@@ -592,20 +599,29 @@ def _is_hopper() -> bool:
 
 
 def _hopper_blocks(q, k, v, blocks: BlockSizes, interpret: bool, *, tq_pad, tk_pad, **features):
-    """The Hopper forward's tiles if it takes this call (see BlockSizes.forward), else None."""
-    if blocks.forward == "triton" or (blocks.forward == "auto" and (interpret or not _is_hopper())):
-        return None
-    tiles = gpu_hopper.HopperBlocks.get_default(q.shape[3])
-    reason = gpu_hopper.unsupported_reason(q, k, v, blocks=tiles, **features)
-    if reason is None and (tq_pad, tk_pad) != (q.shape[1], k.shape[1]):
-        reason = f"sequence padded for the backward's tiles ({q.shape[1]} -> {tq_pad})"
-    if reason is None and interpret:
-        reason = "the Mosaic GPU kernel has no interpret mode here (run it compiled on Hopper)"
-    if reason is None:
-        return tiles
-    if blocks.forward == "hopper":
-        raise ValueError(f"BlockSizes.forward='hopper' cannot take this call: {reason}")
-    return None
+    """Tiles of the Hopper forward and backward for the passes they take, else None each.
+
+    "auto" takes a Hopper kernel when the code runs compiled on a Hopper GPU and the call
+    is one it covers; "hopper" takes it or raises a ValueError saying why not.
+    """
+    kernels = {"forward": (blocks.forward, gpu_hopper.HopperBlocks.get_default(q.shape[3]),
+                           gpu_hopper.unsupported_reason),
+               "backward": (blocks.backward, gpu_hopper_bwd.HopperBackwardBlocks(),
+                            gpu_hopper_bwd.unsupported_reason)}
+    chosen = []
+    for field, (choice, tiles, unsupported) in kernels.items():
+        if choice not in ("auto", "hopper") or (choice == "auto" and (interpret or not _is_hopper())):
+            chosen.append(None)
+            continue
+        reason = unsupported(q, k, v, blocks=tiles, **features)
+        if reason is None and (tq_pad, tk_pad) != (q.shape[1], k.shape[1]):
+            reason = f"sequence padded for the Triton kernels' tiles ({q.shape[1]} -> {tq_pad})"
+        if reason is None and interpret:
+            reason = "the Mosaic GPU kernel has no interpret mode here (run it compiled on Hopper)"
+        if reason is not None and choice == "hopper":
+            raise ValueError(f"BlockSizes.{field}='hopper' cannot take this call: {reason}")
+        chosen.append(None if reason else tiles)
+    return tuple(chosen)
 
 
 def flash_attention(q, k, v, **kwargs):

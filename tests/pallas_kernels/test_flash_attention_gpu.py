@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from pallas_kernels.flash_attention import api, gpu, gpu_hopper, gpu_tiling, reference
+from pallas_kernels.flash_attention import (api, gpu, gpu_hopper, gpu_hopper_bwd, gpu_tiling,
+                                            reference)
 
 # Small tiles so that short test sequences still span several blocks in every kernel.
 SMALL = gpu.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_kv_dkv=32,
@@ -230,12 +231,14 @@ def test_lengths_softcap(tq, tk):
     _check(dict(causal=True, logit_soft_cap=3.0), tq=tq, tk=tk, h=2, hkv=1)
 
 
-# ----------------------------------------------------------------------------- Hopper forward
-# gpu_hopper.py is a Mosaic GPU kernel (warpgroup MMA, TMA, warp specialisation): it lowers
-# only on a Hopper GPU and jax's Mosaic GPU interpreter cannot run it (no `run_state`), so
-# its numerical tests run compiled on an H100/H200 (`JAX_PLATFORMS=cuda pytest -k hopper`).
-# On CPU the tests below check who takes which call and the errors.
-HOPPER = gpu.BlockSizes(forward="hopper")  # the Hopper forward or a ValueError saying why not
+# ----------------------------------------------------------------------------- Hopper kernels
+# gpu_hopper.py / gpu_hopper_bwd.py are Mosaic GPU kernels (warpgroup MMA, TMA, warp
+# specialisation): they lower only on a Hopper GPU and jax's Mosaic GPU interpreter cannot
+# run them (no `run_state`), so their numerical tests run compiled on an H100/H200
+# (`JAX_PLATFORMS=cuda pytest -k hopper`). On CPU the tests below check who takes which
+# call and the errors.
+# The Hopper forward and backward, or a ValueError saying why not.
+HOPPER = gpu.BlockSizes(forward="hopper", backward="hopper")
 ON_HOPPER = ON_GPU and gpu._is_hopper()
 
 
@@ -250,9 +253,29 @@ ON_HOPPER = ON_GPU and gpu._is_hopper()
     (256, False, 2, 2, 128, jnp.float16),
 ])
 def test_hopper_forward_and_gradients(d, causal, h, hkv, t, dtype):
-    """Hopper forward (+ the Triton backward from its log-sum-exp) vs the f32 reference."""
+    """Hopper forward and backward (Triton backward at D=256) vs the f32 reference."""
+    blocks = dataclasses.replace(gpu.BlockSizes.get_default(d), forward="hopper",
+                                 backward="hopper" if d <= 128 else "split")
     _check(dict(causal=causal), b=2, tq=t, tk=t, h=h, hkv=hkv, d=d, dtype=dtype,
-           block_sizes=HOPPER)
+           block_sizes=blocks)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="compiled Mosaic GPU kernel: runs on a Hopper GPU")
+@pytest.mark.parametrize("tiles", [gpu_hopper_bwd.HopperBackwardBlocks(128, 128, 2),
+                                   gpu_hopper_bwd.HopperBackwardBlocks(64, 64, 3)])
+def test_hopper_backward_tilings(tiles):
+    """Other tilings of the Hopper backward (called directly) vs the f32 reference's vjp."""
+    q, k, v, do, _ = _inputs(1, 1, 512, 512, 4, 2, 128, 128, jnp.bfloat16)
+    o, lse = gpu.flash_attention_with_lse(q, k, v, causal=True, block_sizes=HOPPER)
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do)
+    got = gpu_hopper_bwd.backward(q, k, v, do, lse, delta, causal=True,
+                                  sm_scale=128**-0.5, blocks=tiles)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    _, vjp = jax.vjp(lambda *a: reference.mha_reference(*a, causal=True), *f32)
+    for name, g, w in zip("qkv", got, vjp(do), strict=True):
+        scale = max(1.0, float(jnp.max(jnp.abs(w))))
+        chex.assert_trees_all_close(g.astype(jnp.float32) / scale, w / scale, atol=2e-2,
+                                    rtol=2e-2, custom_message=f"d{name}")
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="compiled Mosaic GPU kernel: runs on a Hopper GPU")
@@ -297,11 +320,36 @@ def test_hopper_supported_case_has_no_reason():
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="checks the refusal off Hopper")
-def test_forward_hopper_refused_off_hopper():
-    """forward='hopper' where the kernel cannot run: a ValueError naming the field."""
+@pytest.mark.parametrize("field", ["forward", "backward"])
+def test_hopper_refused_off_hopper(field):
+    """forward/backward='hopper' where the kernel cannot run: a ValueError naming the field."""
     q, k, v, _, _ = _inputs(0, 1, 256, 256, 4, 2, 128, 128, jnp.bfloat16)
-    with pytest.raises(ValueError, match="forward='hopper'"):
-        gpu.flash_attention(q, k, v, causal=True, block_sizes=HOPPER)
+    with pytest.raises(ValueError, match=f"{field}='hopper'"):
+        gpu.flash_attention(q, k, v, causal=True, block_sizes=gpu.BlockSizes(**{field: "hopper"}))
+
+
+def test_hopper_backward_unsupported_reason():
+    """The backward takes what the forward takes at head dims 64 and 128, not 256."""
+    tiles = gpu_hopper_bwd.HopperBackwardBlocks()
+    for d in (64, 128):
+        q = jax.ShapeDtypeStruct((2, 1024, 8, d), jnp.bfloat16)
+        kv = jax.ShapeDtypeStruct((2, 1024, 2, d), jnp.bfloat16)
+        assert gpu_hopper_bwd.unsupported_reason(q, kv, kv, blocks=tiles) is None
+    q = jax.ShapeDtypeStruct((1, 512, 2, 256), jnp.bfloat16)
+    assert "head dim 256" in gpu_hopper_bwd.unsupported_reason(q, q, q, blocks=tiles)
+    q = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    assert "sliding_window" in gpu_hopper_bwd.unsupported_reason(q, q, q, blocks=tiles,
+                                                                 sliding_window=64)
+    big = gpu_hopper_bwd.HopperBackwardBlocks(128, 128, 4)
+    assert "shared memory" in gpu_hopper_bwd.unsupported_reason(q, q, q, blocks=big)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(block_kv_dq=32), "block_kv_dq"), (dict(block_q_dkv=192), "block_q_dkv"),
+    (dict(stages=1), "stages")])
+def test_hopper_backward_blocks_reject_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        gpu_hopper_bwd.HopperBackwardBlocks(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs, field", [
