@@ -9,6 +9,11 @@ no reduction afterwards). Every mask of reference.py is supported — causal, sl
 window, segment ids, explicit positions — plus soft-capping and attention sinks; tiles
 the mask hides entirely are never visited (gpu_tiling.py).
 
+On a Hopper GPU (H100/H200, compiled) the common training calls — full or causal, bf16/f16,
+head dims 64/128 (256 forward only), no padding — go instead to the warp-specialised
+Mosaic GPU kernels of gpu_hopper.py (forward) and gpu_hopper_bwd.py (backward), about 1.3x
+faster than these Triton kernels there; `BlockSizes.forward` / `.backward` choose.
+
     import jax, jax.numpy as jnp
     from pallas_kernels.flash_attention import gpu
     q = jax.random.normal(jax.random.key(0), (1, 100, 4, 64), jnp.bfloat16)

@@ -10,18 +10,18 @@ operands and take turns on the tensor cores through a shared "turn" barrier, so 
 softmax of one warpgroup overlaps the matmuls of the other. The Triton kernel of gpu.py
 cannot express any of this (no warp specialisation, no wgmma from registers).
 
-Only the forward pass lives here: `gpu.py` routes the eligible forward calls to
-`forward` and keeps its own (Triton) backward, which needs nothing but the log-sum-exp
-this kernel saves. Eligible means the common training case: bf16/f16, full or causal
-attention with q_len == kv_len, GQA, head dim 64/128/256 (v head dim equal), sequence a
-multiple of the tiles, no segments, window, soft-cap, sinks or explicit positions;
-`unsupported_reason` says why a call is not.
+Only the forward pass lives here; gpu_hopper_bwd.py holds the backward, built the same
+way, which needs nothing from the forward but the log-sum-exp. gpu.py routes the eligible
+calls to them. Eligible means the common training case: bf16/f16, full or causal
+attention with q_len == kv_len, GQA, head dim 64/128/256 (v head dim equal; the backward
+takes 64/128), sequence a multiple of the tiles, no segments, window, soft-cap, sinks or
+explicit positions; `unsupported_reason` says why a call is not.
 
 Written after studying jax's bundled example (jax.experimental.pallas.ops.gpu.
 attention_mgpu); differences: the softmax scale is applied, the log-sum-exp is in
 natural units in gpu.py's [B, H, T] layout, and causal query tiles run heaviest first.
 It lowers only on a Hopper GPU: its tests run compiled there
-(tests/pallas_kernels/test_flash_attention_hopper.py).
+(`pytest tests/pallas_kernels/test_flash_attention_gpu.py -k hopper`).
 """
 from __future__ import annotations
 
