@@ -214,6 +214,7 @@ def engine_model(args):
     cfg = module.get_config(arg or "tiny").model
     if not args.device and args.config is None:  # smaller still: the CPU run is a smoke test
         cfg.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128)
+        cfg.max_seq_len = max(cfg.max_seq_len, 4096)  # room for a --prefix_len of a few k
     cfg.scan_layers = False  # the KV cache threads through a list of layers
     total, _ = count_params(cfg)
     return build_model(cfg, 0), cfg, total
