@@ -8,9 +8,10 @@
 Reports TFLOP/s of the forward and of forward+backward (bf16, BTHD), and the ratios of
 ours to each peer. "ours" is what `gpu.flash_attention` picks by default (on Hopper the
 Mosaic GPU kernels of gpu_hopper*.py where they apply); "ours (Triton)" forces the Triton
-kernels; "jax Mosaic FA3" is jax's bundled Mosaic GPU example (f16, non-causal backward). FLOPs: 4·B·H·S²·D for the forward (two matmuls), half of it when
-causal (a sliding window W counts the kept pairs, about S·W), and 3.5× the forward for
-forward+backward (the backward's five matmuls), as FlashAttention-2 counts them.
+kernels; "jax Mosaic FA3" is jax's bundled Mosaic GPU example (f16, non-causal backward).
+FLOPs: 4·B·H·S²·D for the forward (two matmuls), half of it when causal (a sliding
+window W counts the kept pairs, about S·W), and 3.5× the forward for forward+backward
+(the backward's five matmuls), as FlashAttention-2 counts them.
 Each time is the median of several repetitions of back-to-back calls after warm-up,
 ended by `block_until_ready`.
 """

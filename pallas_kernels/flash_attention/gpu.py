@@ -581,7 +581,8 @@ def flash_attention_with_lse(
         sliding_window=sliding_window, segment_ids=segment_ids,
         q_positions=q_positions_given, logit_soft_cap=logit_soft_cap, sinks=sinks)
     masked = causal or sliding_window is not None or has_segments or tk_pad != tk
-    cfg = _Config(hopper=hopper, hopper_bwd=hopper_bwd, causal=causal, sliding_window=sliding_window,
+    cfg = _Config(hopper=hopper, hopper_bwd=hopper_bwd, causal=causal,
+                  sliding_window=sliding_window,
                   logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
                   sm_scale=float(sm_scale), has_segments=has_segments,
                   has_sinks=sinks is not None, kv_len=tk, masked=masked, blocks=blocks,
@@ -615,7 +616,8 @@ def _hopper_blocks(q, k, v, blocks: BlockSizes, interpret: bool, *, tq_pad, tk_p
                             gpu_hopper_bwd.unsupported_reason)}
     chosen = []
     for field, (choice, tiles, unsupported) in kernels.items():
-        if choice not in ("auto", "hopper") or (choice == "auto" and (interpret or not _is_hopper())):
+        runs_here = not interpret and _is_hopper()
+        if choice not in ("auto", "hopper") or (choice == "auto" and not runs_here):
             chosen.append(None)
             continue
         reason = unsupported(q, k, v, blocks=tiles, **features)
