@@ -124,7 +124,9 @@ class RadixCache:
         node.last_access = now
         while i < len(chunks) and chunks[i] in node.children:
             child = node.children[chunks[i]]
-            n = common_prefix_len(child.key, chunks[i:])
+            n = len(child.key)  # the whole edge matches, as a rule: check that at C speed first
+            if chunks[i:i + n] != child.key:
+                n = common_prefix_len(child.key, chunks[i:])
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now

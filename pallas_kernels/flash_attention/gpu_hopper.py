@@ -231,8 +231,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ready, free, turn, *, cau
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
-        for slot in range(stages):  # fill the ring
-            load(slot, slot)
+        for slot in range(stages):  # fill the ring, with no more tiles than the block needs
+            pl.when(slot < block_kv_steps)(functools.partial(load, slot, slot))
 
         @pl.loop(0, block_kv_steps - stages)
         def _(j):  # refill the slot of step j with step j + stages once both are done

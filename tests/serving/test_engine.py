@@ -261,3 +261,14 @@ def test_serving_params_cast_changes_no_logit(family):
 @functools.partial(jax.jit, static_argnums=(0,))
 def _logits_full(graphdef, state, tokens):
     return nnx.merge(graphdef, state)(tokens)
+
+
+def test_request_span_equals_slicing_the_tokens():
+    """_Request.span (used by admission on prompts of thousands of tokens) is tokens[lo:hi]."""
+    from serving.engine import _Request
+    from serving.sampling import SamplingParams
+
+    req = _Request(0, list(range(10)), SamplingParams.from_kwargs(), output=[100, 101, 102])
+    for lo in range(0, 14):
+        for hi in range(lo, 15):
+            assert req.span(lo, hi) == req.tokens[lo:hi], (lo, hi)
