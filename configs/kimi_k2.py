@@ -15,6 +15,7 @@ def get_config(arg: str = "tiny"):
     m.family = "kimi_k2"
     m.moe.update(routed_scaling_factor=2.827, n_group=1, topk_group=1, first_k_dense=1)
     c.optim.update(name="muon", qk_clip_tau=100.0)  # MuonClip
+    m.track_max_logits = True  # QK-Clip reads the per-head max attention logits
     if variant == "tiny":
         m.moe.num_experts = 12
     elif variant == "full":

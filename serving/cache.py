@@ -63,6 +63,7 @@ from arch.attention import layer_kind
 from arch.common import check_choice, dtype_of
 from pallas_kernels.paged_attention import IMPLS as PAGED_IMPLS
 from pallas_kernels.paged_attention import gather_pages
+from pallas_kernels.paged_attention.cascade import SharedPrefix, cascade_paged_attention
 from serving.paged import write_kv
 
 KINDS = ("dense", "rolling", "paged")
@@ -264,6 +265,9 @@ class PagedKV(_Attend):
     v_pages: jax.Array
     page_table: jax.Array
     lengths: jax.Array
+    # Pages that rows share (a radix-cached prompt): decode reads them once per chunk
+    # of rows (pallas_kernels/paged_attention/cascade.py). Set by the engine per call.
+    prefix: SharedPrefix | None = None
 
     @classmethod
     def create(cls, batch, max_len, k_shape, v_shape, dtype, *, page_size, num_pages):
@@ -314,6 +318,11 @@ class PagedKV(_Attend):
                                   chunk_size=chunk_size, logit_soft_cap=logit_soft_cap,
                                   sm_scale=sm_scale, sinks=sinks, impl=impl)
         new = self._write(k, v, _token_validity(positions, segment_ids))
+        if self.prefix is not None and sliding_window is None:
+            o = cascade_paged_attention(
+                q[:, 0], new.k_pages, new.v_pages, new.lengths, self.prefix, sm_scale=sm_scale,
+                logit_soft_cap=logit_soft_cap, impl=impl if impl in PAGED_IMPLS else "auto")
+            return o[:, None], new
         o = pallas_kernels.paged_attention(
             q[:, 0], new.k_pages, new.v_pages, new.lengths, new.page_table, sm_scale=sm_scale,
             logit_soft_cap=logit_soft_cap, sliding_window=sliding_window,

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.paged_attention.cascade import find_shared_prefix
 from serving.cache import PagedKV, init_cache, reset_rows
 from serving.paged import BlockTables, PagePool, PoolExhausted, copy_pages
 from serving.radix import RadixCache
@@ -107,8 +108,8 @@ def _run_model(model, cache, tokens, positions, segment_ids, last):
     return model.head(x)[:, 0], tuple(a["cache"] for a in layer_aux)
 
 
-def _generate(graphdef, num_steps, state, cache, reset, page_table, lengths, tokens, positions,
-              segment_ids, last, seeds, steps, temperature, top_k, top_p):
+def _generate(graphdef, num_steps, state, cache, reset, page_table, lengths, prefix, tokens,
+              positions, segment_ids, last, seeds, steps, temperature, top_k, top_p):
     """Prefill (num_steps=1, T >= 1) or decode `num_steps` tokens (T = 1) on every slot.
 
     Decoding several tokens per call keeps the loop on the device: each step feeds
@@ -118,8 +119,8 @@ def _generate(graphdef, num_steps, state, cache, reset, page_table, lengths, tok
     model = nnx.merge(graphdef, state)
     paged = page_table is not None
     if paged:  # the pools travel; the host's block tables say which rows use which pages
-        cache = tuple(PagedKV(k_pages=k, v_pages=v, page_table=page_table, lengths=lengths)
-                      for k, v in cache)
+        cache = tuple(PagedKV(k_pages=k, v_pages=v, page_table=page_table, lengths=lengths,
+                              prefix=prefix) for k, v in cache)
     else:
         cache = reset_rows(cache, reset)
 
@@ -191,6 +192,10 @@ class Engine:
       page_size, num_pages: the page pool (paged only); num_pages defaults to enough
         for every slot at max_len.
       radix: reuse cached prefixes through a radix tree (paged only).
+      cascade: in decode, read the pages that running requests share (a radix-cached
+        prompt) once per chunk of rows instead of once per row
+        (pallas_kernels/paged_attention/cascade.py; paged only, not in sliding-window
+        layers).
       min_bucket: shortest prefill length; prefill lengths are powers of two from it
         up to BUCKET_STEP, then multiples of BUCKET_STEP (a 2,080-token prompt runs as
         2,560, not 4,096).
@@ -202,7 +207,8 @@ class Engine:
 
     def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None,
                  cache_kind: str = "dense", page_size: int = 16, num_pages: int | None = None,
-                 radix: bool = False, min_bucket: int = 16, decode_steps: int = 8):
+                 radix: bool = False, min_bucket: int = 16, decode_steps: int = 8,
+                 cascade: bool = True):
         cfg = model.cfg
         if cache_kind not in CACHE_KINDS:
             raise ValueError(f"{cache_kind=} must be one of {CACHE_KINDS}")
@@ -218,6 +224,7 @@ class Engine:
         self.max_len = cfg.max_seq_len if max_len is None else max_len
         self.max_slots, self.kind, self.min_bucket = max_slots, cache_kind, min_bucket
         self.decode_steps = decode_steps
+        self.cascade = cascade and cache_kind == "paged"
         self.cache = init_cache(cfg, max_slots, self.max_len, cache_kind,
                                 page_size=page_size, num_pages=num_pages)
         if cache_kind == "paged":  # keep the pools; block tables come from the host per call
@@ -424,7 +431,7 @@ class Engine:
             segs[i, 0] = 1
         starts = {i: int(positions[i, 0]) for i in rows}
         tok = self._call(list(range(b)), tokens, positions, segs, np.zeros((b,), np.int32),
-                         np.zeros((b,), bool), starts, num_steps=num_steps)
+                         np.zeros((b,), bool), starts, num_steps=num_steps, decode=True)
         finished = []
         for i in rows:
             rid = self.slots[i].rid
@@ -443,7 +450,8 @@ class Engine:
             n *= 2
         return n
 
-    def _call(self, rows, tokens, positions, segs, last, reset, starts, *, num_steps):
+    def _call(self, rows, tokens, positions, segs, last, reset, starts, *, num_steps,
+              decode=False):
         """Run the jitted model on batch rows `rows` (engine slots, None = padding).
 
         `starts` maps the slots being written to their cache length before the call;
@@ -460,7 +468,7 @@ class Engine:
         for r, req in busy:
             seeds[r], steps[r] = req.params.seed, len(req.output)
             temp[r], top_k[r], top_p[r] = req.params.temperature, req.params.top_k, req.params.top_p
-        table = lengths = None
+        table = lengths = prefix = None
         if self.tables is not None:
             table = np.zeros((b, self.max_pages), np.int32)
             lengths = np.zeros((b,), np.int32)
@@ -469,9 +477,11 @@ class Engine:
                 table[idx] = self.tables.block_table([req.rid for _, req in busy], max_pages=self.max_pages)
                 for r, req in busy:
                     lengths[r] = starts.get(rows[r], req.written)
+            if decode and self.cascade:
+                prefix = find_shared_prefix(table, lengths, self.tables.page_size)
         tok, self.cache = self._generate(num_steps, self.state, self.cache, reset, table, lengths,
-                                         tokens, positions, segs, last, seeds, steps, temp,
-                                         top_k, top_p)
+                                         prefix, tokens, positions, segs, last, seeds, steps,
+                                         temp, top_k, top_p)
         return np.asarray(tok)
 
     def _append(self, slot: int, token: int) -> bool:

@@ -54,10 +54,13 @@ def _gpu_backend(q, k_pages, v_pages, lengths, page_table, **kw):
                                    interpret=_on_cpu(), **kw)
 
 
-def _tpu_backend(q, k_pages, v_pages, lengths, page_table, **kw):
+def _tpu_backend(q, k_pages, v_pages, lengths, page_table, *, return_lse=False, **kw):
     from jax.experimental.pallas import tpu as pltpu
 
     from pallas_kernels.paged_attention import tpu
+
+    if return_lse:
+        raise NotImplementedError("the TPU kernel does not return the log-sum-exp")
 
     interpret = pltpu.InterpretParams() if _on_cpu() else False
     return tpu.paged_attention_tpu(q, k_pages, v_pages, lengths, page_table,
@@ -133,6 +136,7 @@ def paged_attention(
     sliding_window: int | None = None,
     impl: str = "auto",
     block_sizes=None,
+    return_lse: bool = False,
 ):
     """Decode attention of one query per sequence over its paged keys and values.
 
@@ -149,12 +153,16 @@ def paged_attention(
       impl: one of IMPLS (see the module docstring).
       block_sizes: the chosen backend's BlockSizes (gpu.BlockSizes / tpu.BlockSizes).
 
+      return_lse: also return the log-sum-exp of each row's logits ([B, H] f32, -inf
+        for a row with no keys), to merge attention over disjoint key sets (cascade.py).
+
     Returns:
-      [B, H, D] attention output in q's dtype.
+      [B, H, D] attention output in q's dtype (and the log-sum-exp if `return_lse`).
     """
     _validate(q, k_pages, v_pages, lengths, page_table, sm_scale, logit_soft_cap,
               sliding_window, impl)
-    kw = dict(sm_scale=sm_scale, logit_soft_cap=logit_soft_cap, sliding_window=sliding_window)
+    kw = dict(sm_scale=sm_scale, logit_soft_cap=logit_soft_cap, sliding_window=sliding_window,
+              return_lse=return_lse)
     if impl == "auto":
         platform = jax.default_backend()
         impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")

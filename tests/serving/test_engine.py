@@ -163,6 +163,28 @@ def test_radix_prefix_sharing_gives_the_same_tokens_and_skips_prefill():
     assert stats[True].prefill_tokens <= stats[False].prefill_tokens - 6 * len(prefix)
 
 
+def test_cascade_decode_over_a_shared_prefix_gives_the_same_tokens(monkeypatch):
+    """Rows that share radix-cached prompt pages decode with the cascade kernel (the
+    prefix read once per chunk of rows) and still give each request's own tokens."""
+    import serving.engine as engine_mod
+
+    found = []
+    original = engine_mod.find_shared_prefix
+    monkeypatch.setattr(engine_mod, "find_shared_prefix",
+                        lambda *a: (found.append(original(*a)), found[-1])[1])
+    prefix = list(range(40, 56))  # 16 tokens = 4 pages of 4
+    reqs = make_requests(8, seed=4, shared_prefix=prefix)
+    refs = [reference_generate(llama(), p, **kw) for p, kw in reqs]
+    engine = Engine(llama(), max_slots=4, max_len=MAX_SEQ, cache_kind="paged", page_size=4,
+                    radix=True, min_bucket=32)
+    rids = [engine.submit(p, **kw) for p, kw in reqs]
+    engine.run()
+    assert [engine.result(r) for r in rids] == refs
+    shared = [p for p in found if p is not None]
+    assert shared and max(int(p.shares.sum()) for p in shared) >= 3
+    assert max(int(p.length) for p in shared) >= len(prefix)
+
+
 @pytest.mark.parametrize("radix", [False, True])
 def test_pool_exhaustion_waits_and_preempts_without_changing_tokens(radix):
     # 6 pages of 4 tokens; every request grows to 3 pages: at most 2 fit at once, so

@@ -31,3 +31,19 @@ def tiny_config(corpus: tuple[str, str], **train):
     cfg.train.update(train)
     cfg.mesh.data = 1
     return cfg
+
+
+def family_config(family: str, corpus: tuple[str, str], *, seq_len: int = 32, batch_size: int = 4,
+                  **train):
+    """configs/<family>.py:tiny over the test corpus: constant lr, no eval, no sample."""
+    import importlib
+
+    cfg = importlib.import_module(f"configs.{family}").get_config("tiny")
+    cfg.data.update(source=corpus[0], val_source=corpus[1], seq_len=seq_len, batch_size=batch_size)
+    cfg.model.max_seq_len = max(cfg.model.max_seq_len, seq_len)
+    cfg.optim.update(schedule="constant", warmup_steps=1, lr=1e-3)
+    cfg.train.update(steps=4, eval_every=0, eval_batches=1, log_every=1, checkpoint_every=0,
+                     sample_tokens=0)
+    cfg.train.update(train)
+    cfg.mesh.data = 1
+    return cfg
