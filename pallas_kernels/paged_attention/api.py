@@ -157,7 +157,8 @@ def paged_attention(
         for a row with no keys), to merge attention over disjoint key sets (cascade.py).
 
     Returns:
-      [B, H, D] attention output in q's dtype (and the log-sum-exp if `return_lse`).
+      [B, H, D] attention output in q's dtype; with `return_lse`, the output in f32
+      (a partial result to merge: no rounding before the merge) and the log-sum-exp.
     """
     _validate(q, k_pages, v_pages, lengths, page_table, sm_scale, logit_soft_cap,
               sliding_window, impl)

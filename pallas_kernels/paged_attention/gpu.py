@@ -283,7 +283,7 @@ def paged_attention_gpu(
             o, lse = o[0], lse[0]
         else:
             o, lse = merge_splits(o, lse)  # [B, Hkv, Gp, D], [B, Hkv, Gp]
-    o = o[:, :, :g].reshape(b, h, d).astype(q.dtype)
-    if return_lse:
+    o = o[:, :, :g].reshape(b, h, d)
+    if return_lse:  # partial results to merge (cascade.py): keep f32
         return o, lse[:, :, :g].reshape(b, h)
-    return o
+    return o.astype(q.dtype)

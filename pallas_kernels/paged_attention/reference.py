@@ -68,8 +68,8 @@ def paged_attention_reference(
 ):
     """Decode attention over paged K/V: gather the pages, then masked softmax in f32.
 
-    Returns o [B, H, D] in q's dtype (and the log-sum-exp [B, H], -inf for empty rows,
-    when `return_lse`).
+    Returns o [B, H, D] in q's dtype; with `return_lse`, o in f32 (a partial result to
+    merge) and the log-sum-exp [B, H], -inf for empty rows.
     """
     b, h, d = q.shape
     hkv = k_pages.shape[0]
@@ -88,8 +88,8 @@ def paged_attention_reference(
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     o = jnp.einsum("bhgt,bthd->bhgd", p, v) / jnp.where(denom == 0, 1.0, denom)
-    o = o.reshape(b, h, d).astype(q.dtype)
+    o = o.reshape(b, h, d)
     if not return_lse:
-        return o
+        return o.astype(q.dtype)
     lse = jnp.where(denom > 0, m + jnp.log(denom), -jnp.inf)
     return o, lse.reshape(b, h)
