@@ -26,7 +26,9 @@ that is not enough, a request waits for pages (at admission) or the most recentl
 admitted running request is preempted (during decode): its pages are given back
 (its tokens kept in the radix tree, if on) and it is recomputed later from its
 prompt plus the tokens it had generated. Sampling keys depend only on the request's
-seed and token index, so preemption never changes a token.
+seed and token index, so preemption never changes a token. Running requests that hold
+the same cached prompt pages decode with cascade attention (`cascade=True`): those
+pages are read once per chunk of rows, not once per row.
 
     from serving.engine import Engine
     engine = Engine(model, max_slots=8, max_len=256)
