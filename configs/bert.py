@@ -1,7 +1,10 @@
 """A BERT-style encoder (Devlin et al. 2019), base size: bidirectional attention,
 post-LayerNorm, learned positions, GELU, biases. (No token-type embeddings or pooler.)
 
-    python train.py --config=configs/bert.py:tiny --workdir=runs/bert   # trains as a bidirectional LM
+    model(tokens)   # [B, T, vocab] from bidirectional attention
+
+train.py trains next-token prediction, so it refuses this config (kind='encoder'); there
+is no masked-LM objective yet.
 """
 from configs.base import get_base_config, parse_arg, tiny_training
 
