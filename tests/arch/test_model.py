@@ -122,7 +122,8 @@ def test_count_params_matches_built_model_and_ties_once():
     assert untied - tied == 256 * 64  # the head is the embedding table, counted once
 
 
-@pytest.mark.parametrize("size,published", [("8b", 8.03e9), ("70b", 70.6e9), ("405b", 405.9e9)])
+# 405b is held in tests/arch/test_families.py (counting it takes ~17 s on CPU).
+@pytest.mark.parametrize("size,published", [("8b", 8.03e9), ("70b", 70.6e9)])
 def test_llama3_published_counts(size, published):
     total, active = count_params(llama3(f"full,size={size}").model)
     assert abs(total - published) / published < 0.01 and active == total
