@@ -63,6 +63,7 @@ from arch.attention import layer_kind
 from arch.common import check_choice, dtype_of
 from pallas_kernels.paged_attention import IMPLS as PAGED_IMPLS
 from pallas_kernels.paged_attention import gather_pages
+from pallas_kernels.paged_attention.api import returns_lse
 from pallas_kernels.paged_attention.cascade import SharedPrefix, cascade_paged_attention
 from serving.paged import write_kv
 
@@ -318,15 +319,17 @@ class PagedKV(_Attend):
                                   chunk_size=chunk_size, logit_soft_cap=logit_soft_cap,
                                   sm_scale=sm_scale, sinks=sinks, impl=impl)
         new = self._write(k, v, _token_validity(positions, segment_ids))
-        if self.prefix is not None and sliding_window is None:
+        impl = impl if impl in PAGED_IMPLS else "auto"
+        # Cascade where the backend merges by its own log-sum-exp (not the TPU kernel:
+        # there it would fall back to the gathering reference, slower than no cascade).
+        if self.prefix is not None and sliding_window is None and returns_lse(impl):
             o = cascade_paged_attention(
                 q[:, 0], new.k_pages, new.v_pages, new.lengths, self.prefix, sm_scale=sm_scale,
-                logit_soft_cap=logit_soft_cap, impl=impl if impl in PAGED_IMPLS else "auto")
+                logit_soft_cap=logit_soft_cap, impl=impl)
             return o[:, None], new
         o = pallas_kernels.paged_attention(
             q[:, 0], new.k_pages, new.v_pages, new.lengths, new.page_table, sm_scale=sm_scale,
-            logit_soft_cap=logit_soft_cap, sliding_window=sliding_window,
-            impl=impl if impl in PAGED_IMPLS else "auto")
+            logit_soft_cap=logit_soft_cap, sliding_window=sliding_window, impl=impl)
         return o[:, None], new  # [B, 1, H, D]
 
     def reset(self, rows):

@@ -67,6 +67,22 @@ def _tpu_backend(q, k_pages, v_pages, lengths, page_table, *, return_lse=False, 
                                    interpret=interpret, **kw)
 
 
+# Backends that return the log-sum-exp (`return_lse=True`), which cascade.py merges by.
+LSE_IMPLS = ("reference", "pallas_gpu")
+
+
+def _platform_impl() -> str:
+    """The backend "auto" picks on this platform."""
+    platform = jax.default_backend()
+    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
+
+
+def returns_lse(impl: str) -> bool:
+    """True if `impl` ("auto" resolved for this platform) returns the log-sum-exp with
+    its own kernel; elsewhere `return_lse=True` would fall back to the reference."""
+    return (_platform_impl() if impl == "auto" else impl) in LSE_IMPLS
+
+
 register_backend("reference", _reference_backend)
 register_backend("pallas_gpu", _gpu_backend)
 register_backend("pallas_tpu", _tpu_backend)
@@ -165,8 +181,7 @@ def paged_attention(
     kw = dict(sm_scale=sm_scale, logit_soft_cap=logit_soft_cap, sliding_window=sliding_window,
               return_lse=return_lse)
     if impl == "auto":
-        platform = jax.default_backend()
-        impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
+        impl = _platform_impl()
         try:
             return _BACKENDS[impl](q, k_pages, v_pages, lengths, page_table,
                                    block_sizes=block_sizes, **kw)

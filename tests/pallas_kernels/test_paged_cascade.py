@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from pallas_kernels.paged_attention import paged_attention
-from pallas_kernels.paged_attention.cascade import (SharedPrefix, cascade_paged_attention,
-                                                    find_shared_prefix)
+from pallas_kernels.paged_attention.api import returns_lse
+from pallas_kernels.paged_attention.cascade import (
+    SharedPrefix,
+    cascade_paged_attention,
+    find_shared_prefix,
+)
 
 PAGE = 4
 
@@ -70,3 +74,15 @@ def test_cascade_soft_cap_bf16_under_jit():
     got = jax.jit(lambda q, lens, p: cascade_paged_attention(
         q, kp, vp, lens, p, impl="reference", logit_soft_cap=5.0))(q, jnp.asarray(lengths), prefix)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
+
+
+def test_tpu_kernel_refuses_return_lse_and_cascade_knows():
+    """The TPU kernel has no log-sum-exp output: asked explicitly it raises (before any
+    compute), and `returns_lse` tells callers (serving/cache.py) to skip the cascade."""
+    q, kp, vp, lengths, table = shared_prefix_batch(3, heads=4, kv_heads=2)
+    with pytest.raises(ValueError, match="impl='pallas_tpu' cannot run this input: .*log-sum-exp"):
+        paged_attention(q, kp, vp, jnp.asarray(lengths), jnp.asarray(table), impl="pallas_tpu",
+                        return_lse=True)
+    assert not returns_lse("pallas_tpu")
+    assert returns_lse("pallas_gpu") and returns_lse("reference")
+    assert returns_lse("auto") == (jax.default_backend() != "tpu")
