@@ -12,7 +12,8 @@ and the XLA reference (gather pages, then softmax).
     python bench/decode.py                           # CPU smoke test: tiny, interpret mode
     python bench/decode.py --device                  # accelerator: batch 8, 8k context,
                                                      # 32 q / 8 kv heads, D 128, page 16, bf16
-    python bench/decode.py --device --sweep          # also sweep the GPU kernel's BlockSizes
+    python bench/decode.py --device --sweep          # also sweep the GPU kernels' BlockSizes
+    python bench/decode.py --device --sweep=hopper   # only the Mosaic GPU kernel's tiles
     python bench/decode.py --device --out=bench/results/paged_attention.md
 
 Each timing is the median of `--iters` back-to-back calls (dispatched asynchronously,
@@ -48,6 +49,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pallas_kernels.paged_attention import gpu as paged_gpu  # noqa: E402
+from pallas_kernels.paged_attention import gpu_hopper as paged_hopper  # noqa: E402
 from pallas_kernels.paged_attention import paged_attention  # noqa: E402
 
 PARTS = ("kernel", "engine", "all")
@@ -87,6 +89,14 @@ def copy_bandwidth(num_bytes: int, iters: int) -> float:
     return 2 * num_bytes / time_fn(f, x, iters=iters)
 
 
+def read_bandwidth(num_bytes: int, iters: int) -> float:
+    """Bytes/s of a device reduction that reads `num_bytes` (and writes nothing): decode
+    attention only reads, and can beat a copy, whose writes share the memory bus."""
+    x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    return num_bytes / time_fn(f, x, iters=iters)
+
+
 def peers(platform: str, interpret: bool):
     """name -> fn(q, k_pages, v_pages, lengths, table) for this platform."""
     impl = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "pallas_gpu")
@@ -94,6 +104,10 @@ def peers(platform: str, interpret: bool):
            "reference (XLA gather)": jax.jit(functools.partial(paged_attention, impl="reference"))}
     if platform == "gpu":
         from jax.experimental.pallas.ops.gpu import paged_attention as jax_gpu
+
+        triton = paged_gpu.BlockSizes(kernel="triton")
+        out["ours, Triton kernel"] = jax.jit(
+            functools.partial(paged_attention, impl="pallas_gpu", block_sizes=triton))
 
         out["jax.experimental paged_attention (gpu)"] = jax.jit(
             lambda q, k, v, lens, table: jax_gpu.paged_attention(q, k, v, table, lens))
@@ -107,12 +121,20 @@ def peers(platform: str, interpret: bool):
     return out
 
 
-def sweep_configs():
-    for ppb in (4, 8):
-        for splits in (None, 4, 8, 16):
-            for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
-                yield paged_gpu.BlockSizes(pages_per_block=ppb, num_splits=splits,
-                                           num_warps=warps, num_stages=stages)
+def sweep_configs(kernel: str):
+    """BlockSizes to sweep: the Hopper (Mosaic GPU) kernel's tiles, the Triton one's, or both."""
+    if kernel in ("hopper", "all"):
+        for block_k, stages in ((64, 2), (64, 3), (64, 4), (64, 6), (128, 2), (128, 3)):
+            for splits in (None, 4, 8, 16):
+                tiles = paged_hopper.HopperPagedBlocks(block_k=block_k, stages=stages,
+                                                      num_splits=splits)
+                yield paged_gpu.BlockSizes(kernel="hopper", hopper=tiles)
+    if kernel in ("triton", "all"):
+        for ppb in (4, 8):
+            for splits in (None, 4, 8, 16):
+                for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 3)):
+                    yield paged_gpu.BlockSizes(pages_per_block=ppb, num_splits=splits,
+                                               num_warps=warps, num_stages=stages, kernel="triton")
 
 
 def main(argv=None):
@@ -126,7 +148,8 @@ def main(argv=None):
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--page_size", type=int, default=16)
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--sweep", action="store_true", help="also sweep the GPU BlockSizes")
+    p.add_argument("--sweep", nargs="?", const="all", default=None, choices=("all", "hopper", "triton"),
+                   help="also sweep the GPU kernels' BlockSizes (both, or one kernel's)")
     p.add_argument("--out", default=None, help="append a markdown table to this file")
     engine_flags = p.add_argument_group("engine part")
     engine_flags.add_argument("--config", default=None,
@@ -168,13 +191,14 @@ def kernel_benchmark(args, platform) -> str:
 
     ref = paged_attention(q, k_pages, v_pages, lengths, table, impl="reference").astype(jnp.float32)
     copy_bw = copy_bandwidth(kv_bytes, iters)
+    read_bw = read_bandwidth(kv_bytes, iters)
     rows = []
     for name, fn in peers(platform, interpret=not args.device).items():
         err = float(jnp.abs(fn(q, k_pages, v_pages, lengths, table).astype(jnp.float32) - ref).max())
         t = time_fn(fn, q, k_pages, v_pages, lengths, table, iters=iters)
         rows.append((name, t, kv_bytes / t, err))
     if args.sweep and platform == "gpu":
-        for bs in sweep_configs():
+        for bs in sweep_configs(args.sweep):
             fn = jax.jit(functools.partial(paged_attention, impl="pallas_gpu", block_sizes=bs))
             try:
                 err = float(jnp.abs(fn(q, k_pages, v_pages, lengths, table).astype(jnp.float32) - ref).max())
@@ -187,11 +211,19 @@ def kernel_benchmark(args, platform) -> str:
     device = jax.devices()[0].device_kind
     lines = [f"### paged decode attention on {device} ({platform})", "",
              f"shape: {shape}, dtype {jnp.dtype(dtype).name}; K+V read per call: "
-             f"{kv_bytes / 1e6:.1f} MB; device copy bandwidth: {copy_bw / 1e9:.0f} GB/s", "",
-             "| implementation | time (us) | GB/s | % of copy bandwidth | max abs err vs reference |",
-             "|---|---|---|---|---|"]
+             f"{kv_bytes / 1e6:.1f} MB; device copy bandwidth: {copy_bw / 1e9:.0f} GB/s, "
+             f"read bandwidth (a sum): {read_bw / 1e9:.0f} GB/s", "",
+             "| implementation | time (us) | GB/s | % of copy bandwidth | % of read bandwidth "
+             "| speed vs jax's bundled | max abs err vs reference |",
+             "|---|---|---|---|---|---|---|"]
+    bundled = next((t for name, t, _, _ in rows if name.startswith("jax.experimental")), None)
     for name, t, bw, err in rows:
-        lines.append(f"| {name} | {t * 1e6:.1f} | {bw / 1e9:.0f} | {100 * bw / copy_bw:.0f}% | {err:.2e} |")
+        ratio = f"{bundled / t:.2f}x" if bundled else "-"
+        lines.append(f"| {name} | {t * 1e6:.1f} | {bw / 1e9:.0f} | {100 * bw / copy_bw:.0f}% | "
+                     f"{100 * bw / read_bw:.0f}% | {ratio} | {err:.2e} |")
+    if bundled:
+        lines += ["", "(jax's bundled kernel does not scale the logits by 1/sqrt(D), hence its error; "
+                  "the time is unaffected.)"]
     report = "\n".join(lines)
     print(report)
     if not args.device:

@@ -18,7 +18,9 @@ https://crfm.stanford.edu/2023/10/12/flashdecoding.html) and PagedAttention
   * a program loops only over the blocks that hold visible keys (below `lengths[b]`,
     and within the sliding window), so short sequences in a long table cost little.
 
-On CPU `interpret=True` runs the same kernel (slowly) for tests.
+On CPU `interpret=True` runs the same kernel (slowly) for tests. On a Hopper GPU the
+eligible calls (bf16/f16, no soft-cap) go to gpu_hopper.py's Mosaic GPU kernel instead,
+same split-K layout, with TMA page copies and warp specialisation (`BlockSizes.kernel`).
 
     >>> import jax, jax.numpy as jnp
     >>> q = jnp.ones((1, 4, 16)); kp = vp = jnp.ones((2, 4, 8, 16))
@@ -38,6 +40,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.paged_attention import gpu_hopper
+
+KERNELS = ("auto", "triton", "hopper")
 _MIN_DOT_M = 16  # tensor-core dots in Triton need M >= 16
 _H100_SMS = 132
 
@@ -60,14 +65,23 @@ class BlockSizes:
       num_splits: split-K factor over the page table (None: chosen from the shapes so
         that the grid fills the GPU).
       num_warps, num_stages: Triton launch parameters (software pipelining depth).
+      kernel: "auto" (gpu_hopper.py's Mosaic GPU kernel when the call runs compiled on a
+        Hopper GPU and is one it covers, else the Triton kernel of this file),
+        "triton", or "hopper" (gpu_hopper.py or a ValueError saying why not).
+      hopper: tiles of the Hopper kernel (None: its defaults); the fields above are the
+        Triton kernel's.
     """
 
     pages_per_block: int = 4
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = "auto"
+    hopper: gpu_hopper.HopperPagedBlocks | None = None
 
     def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"BlockSizes.kernel={self.kernel!r} must be one of {KERNELS}")
         if not _is_pow2(self.pages_per_block):
             raise ValueError(f"{self.pages_per_block=} must be a power of two")
         if self.num_splits is not None and self.num_splits < 1:
@@ -198,6 +212,24 @@ def check_supported(q, k_pages) -> None:
     del q
 
 
+def _is_hopper() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
+
+
+def _hopper_tiles(q, k_pages, block_sizes: BlockSizes, interpret: bool, logit_soft_cap):
+    """Tiles of gpu_hopper.py's kernel if it takes this call, else None (see BlockSizes)."""
+    if block_sizes.kernel == "triton" or (block_sizes.kernel == "auto" and (interpret or not _is_hopper())):
+        return None
+    tiles = block_sizes.hopper or gpu_hopper.HopperPagedBlocks()
+    reason = gpu_hopper.unsupported_reason(q, k_pages, blocks=tiles, logit_soft_cap=logit_soft_cap)
+    if reason is None and interpret:
+        reason = "the Mosaic GPU kernel has no interpret mode (run it compiled on Hopper)"
+    if reason is not None and block_sizes.kernel == "hopper":
+        raise ValueError(f"BlockSizes.kernel='hopper' cannot take this call: {reason}")
+    return None if reason else tiles
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "logit_soft_cap", "sliding_window", "block_sizes",
@@ -228,6 +260,21 @@ def paged_attention_gpu(
         block_sizes = BlockSizes.get_default(page_size=page_size, head_dim=d, max_pages=max_pages)
     if sm_scale is None:
         sm_scale = d**-0.5
+    # Every table entry a valid page index (stale entries past a sequence's end are
+    # masked by position, but must be safe to load).
+    table = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1)
+    lengths = lengths.astype(jnp.int32)
+    qg = q.reshape(b, hkv, g, d)  # [B, Hkv, G, D]: heads of a group are contiguous
+    hopper = _hopper_tiles(q, k_pages, block_sizes, interpret, logit_soft_cap)
+    if hopper is not None:
+        num_blocks = pl.cdiv(max_pages, hopper.block_k // page_size)
+        splits = hopper.num_splits or default_num_splits(b, hkv, num_blocks, _num_sms())
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gpu_hopper.WGMMA_ROWS - g), (0, 0)))
+        o, lse = gpu_hopper.partial_attention(
+            qg, k_pages, v_pages, lengths, table, group=g, sm_scale=sm_scale,
+            sliding_window=sliding_window, num_splits=min(splits, num_blocks), blocks=hopper)
+        return _finish(o, lse[..., :g], q, return_lse)
+
     ppb = block_sizes.pages_per_block
     num_blocks = pl.cdiv(max_pages, ppb)
     splits = block_sizes.num_splits or default_num_splits(b, hkv, num_blocks, _num_sms())
@@ -235,13 +282,10 @@ def paged_attention_gpu(
     pps = pl.cdiv(num_blocks, splits) * ppb  # pages per split, a whole number of blocks
     splits = pl.cdiv(max_pages, pps)
 
-    # Page table padded to splits * pps entries, every entry a valid page index (the
-    # padding and stale entries are masked by position, but must be safe to load).
-    table = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1)
+    # Page table padded to splits * pps entries (the padding is masked by position).
     table = jnp.pad(table, ((0, 0), (0, splits * pps - max_pages)))
     table = table.reshape(b, splits, pps)  # [B, S, pages_per_split]
     gp = max(_MIN_DOT_M, _next_pow2(g))
-    qg = q.reshape(b, hkv, g, d)  # [B, Hkv, G, D]: heads of a group are contiguous
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, gp - g), (0, 0)))  # [B, Hkv, Gp, D]
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
@@ -278,12 +322,18 @@ def paged_attention_gpu(
                 transcendentals=b * h * max_pages * page_size,
                 bytes_accessed=2 * b * hkv * max_pages * page_size * d * k_pages.dtype.itemsize,
             ),
-        )(lengths.astype(jnp.int32).reshape(b, 1), table, qg, k_pages, v_pages)
-        if splits == 1:
-            o, lse = o[0], lse[0]
-        else:
-            o, lse = merge_splits(o, lse)  # [B, Hkv, Gp, D], [B, Hkv, Gp]
-    o = o[:, :, :g].reshape(b, h, d)
+        )(lengths.reshape(b, 1), table, qg, k_pages, v_pages)
+    return _finish(o[..., :g, :], lse[..., :g], q, return_lse)
+
+
+def _finish(o, lse, q, return_lse: bool):
+    """Merge the splits' o [S, B, Hkv, G, D] and lse [S, B, Hkv, G] into q's layout."""
+    if o.shape[0] == 1:
+        o, lse = o[0], lse[0]
+    else:
+        o, lse = merge_splits(o, lse)  # [B, Hkv, G, D], [B, Hkv, G]
+    b, h, d = q.shape
+    o = o.reshape(b, h, d)
     if return_lse:  # partial results to merge (cascade.py): keep f32
-        return o, lse[:, :, :g].reshape(b, h)
+        return o, lse.reshape(b, h)
     return o.astype(q.dtype)

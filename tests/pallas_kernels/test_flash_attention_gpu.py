@@ -18,8 +18,14 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from pallas_kernels.flash_attention import (api, gpu, gpu_hopper, gpu_hopper_bwd, gpu_tiling,
-                                            reference)
+from pallas_kernels.flash_attention import (
+    api,
+    gpu,
+    gpu_hopper,
+    gpu_hopper_bwd,
+    gpu_tiling,
+    reference,
+)
 
 # Small tiles so that short test sequences still span several blocks in every kernel.
 SMALL = gpu.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_kv_dkv=32,

@@ -103,6 +103,8 @@ def _case_id(case):
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=_case_id)
 def test_kernel_matches_reference_and_dense(impl, case):
+    if impl == "pallas_tpu" and jax.default_backend() == "gpu":
+        pytest.skip("the TPU kernel runs compiled on a TPU or in interpret mode on CPU")
     ratio, dtype, window, cap = case
     h, hkv = GQA[ratio]
     args = make_inputs(ratio + 10, heads=h, kv_heads=hkv, dtype=dtype, **SHAPE)
