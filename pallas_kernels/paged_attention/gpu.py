@@ -44,6 +44,11 @@ from pallas_kernels.paged_attention import gpu_hopper
 
 KERNELS = ("auto", "triton", "hopper")
 _MIN_DOT_M = 16  # tensor-core dots in Triton need M >= 16
+# ... and K >= 16 with 16-bit inputs (the m16n8k16 MMA): the P @ V dot contracts over the
+# block of keys. Blocks of 16-bit keys are raised to 16: a compiled H200 run of a bf16
+# case with blocks of 8 keys exceeded the tolerance (it passes in interpret mode); this
+# is the suspected cause, not yet confirmed on a GPU.
+_MIN_DOT_K_16BIT = 16
 _H100_SMS = 132
 
 
@@ -276,6 +281,8 @@ def paged_attention_gpu(
         return _finish(o, lse[..., :g], q, return_lse)
 
     ppb = block_sizes.pages_per_block
+    if k_pages.dtype.itemsize == 2:
+        ppb = max(ppb, _next_pow2(pl.cdiv(_MIN_DOT_K_16BIT, page_size)))
     num_blocks = pl.cdiv(max_pages, ppb)
     splits = block_sizes.num_splits or default_num_splits(b, hkv, num_blocks, _num_sms())
     splits = min(splits, num_blocks)

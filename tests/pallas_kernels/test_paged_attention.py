@@ -1,5 +1,7 @@
 """Paged decode attention: kernels (GPU and TPU families, interpret mode) and the
 reference against an independent per-sequence dense attention in float64 numpy."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -155,6 +157,16 @@ def test_default_gpu_tiling_fills_an_h100():
     # Odd head dims and short tables still give a power-of-two block.
     assert paged_gpu.BlockSizes.get_default(page_size=16, head_dim=96, max_pages=512).pages_per_block == 4
     assert paged_gpu.BlockSizes.get_default(page_size=4, head_dim=64, max_pages=3).pages_per_block == 4
+
+
+def test_gpu_kernel_blocks_of_16bit_keys_hold_at_least_16():
+    """Triton's 16-bit MMA contracts over >= 16 keys: pages of 4 go 4 to a block."""
+    args = make_inputs(1, heads=4, kv_heads=2, dtype=jnp.bfloat16, **SHAPE)
+    fn = functools.partial(paged_gpu.paged_attention_gpu, interpret=True,
+                           block_sizes=paged_gpu.BlockSizes(pages_per_block=1, kernel="triton"))
+    assert "paged_attention_ppb4_" in str(jax.make_jaxpr(fn)(*args))
+    f32 = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+    assert "paged_attention_ppb1_" in str(jax.make_jaxpr(fn)(*f32))
 
 
 def _good():
