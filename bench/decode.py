@@ -24,7 +24,9 @@ shared-prefix workload (few-shot prompting: every request starts with the same l
 prefix, then its own question), paged KV cache with the radix prefix cache on vs
 off. With it on, a request that finds the prefix cached prefills only its own
 suffix. Same requests, same tokens (checked), each configuration timed on a fresh
-engine after a warm-up run of the same workload that compiles every shape.
+engine after a warm-up run of the same workload that compiles every shape. On a GPU,
+two more rows run radix off / on with the decode kernel forced to Triton
+(`Engine(paged_block_sizes=...)`), so the two GPU kernels compare in one run.
 
     python bench/decode.py --part=engine                 # CPU: tiny model, 8 requests, 64-token prefix
     python bench/decode.py --part=engine --device        # llama3 `small` (~1B, bf16), 64 requests
@@ -291,12 +293,16 @@ def engine_benchmark(args) -> str:
     rows, outputs = [], {}
     # Radix off; radix on without, then with cascade decode (shared pages read once per
     # chunk of rows instead of once per row).
-    settings = (("radix off", False, False), ("radix on, no cascade", True, False),
-                ("radix on", True, True))
-    for name, radix, cascade in settings:
+    settings = [("radix off", False, False, None), ("radix on, no cascade", True, False, None),
+                ("radix on", True, True, None)]
+    if jax.default_backend() == "gpu":  # same run, the decode kernel forced to Triton
+        triton = paged_gpu.BlockSizes(kernel="triton")
+        settings += [("radix off, Triton paged kernel", False, False, triton),
+                     ("radix on, Triton paged kernel", True, True, triton)]
+    for name, radix, cascade, tiles in settings:
         kw = dict(max_slots=slots, max_len=max_len, cache_kind="paged", page_size=page_size,
                   radix=radix, cascade=cascade, new_tokens=new_tokens,
-                  decode_steps=args.decode_steps)
+                  decode_steps=args.decode_steps, paged_block_sizes=tiles)
         run_engine(model, prompts, **kw)  # warm-up: compiles every prefill bucket and decode
         # Median of several timed runs: a single run once took 8x longer than the next
         # ones (a one-off cost after the warm-up run), which would fake a radix gain.
@@ -329,6 +335,8 @@ def engine_benchmark(args) -> str:
         lines.append(f"| {name} | {secs:.2f} | {tps:,.0f} | {prefilled:,} | {100 * hit:.0f}% |")
     lines.append(f"\nspeed-up from the radix cache: {rows[2][2] / rows[0][2]:.2f}x "
                  f"({rows[1][2] / rows[0][2]:.2f}x without cascade decode)")
+    if len(rows) == 5:
+        lines.append(f"with the Triton paged kernel: {rows[4][2] / rows[3][2]:.2f}x")
     report = "\n".join(lines)
     print(report)
     if not args.device:

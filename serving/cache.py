@@ -51,7 +51,7 @@ back updated in `aux["cache"]`:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -269,6 +269,9 @@ class PagedKV(_Attend):
     # Pages that rows share (a radix-cached prompt): decode reads them once per chunk
     # of rows (pallas_kernels/paged_attention/cascade.py). Set by the engine per call.
     prefix: SharedPrefix | None = None
+    # The decode kernel's tiling (the paged backend's BlockSizes, e.g.
+    # paged_attention.gpu.BlockSizes(kernel="triton")); None: the backend's defaults.
+    block_sizes: Any = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def create(cls, batch, max_len, k_shape, v_shape, dtype, *, page_size, num_pages):
@@ -325,11 +328,12 @@ class PagedKV(_Attend):
         if self.prefix is not None and sliding_window is None and returns_lse(impl):
             o = cascade_paged_attention(
                 q[:, 0], new.k_pages, new.v_pages, new.lengths, self.prefix, sm_scale=sm_scale,
-                logit_soft_cap=logit_soft_cap, impl=impl)
+                logit_soft_cap=logit_soft_cap, impl=impl, block_sizes=self.block_sizes)
             return o[:, None], new
         o = pallas_kernels.paged_attention(
             q[:, 0], new.k_pages, new.v_pages, new.lengths, new.page_table, sm_scale=sm_scale,
-            logit_soft_cap=logit_soft_cap, sliding_window=sliding_window, impl=impl)
+            logit_soft_cap=logit_soft_cap, sliding_window=sliding_window, impl=impl,
+            block_sizes=self.block_sizes)
         return o[:, None], new  # [B, 1, H, D]
 
     def reset(self, rows):

@@ -110,8 +110,8 @@ def _run_model(model, cache, tokens, positions, segment_ids, last):
     return model.head(x)[:, 0], tuple(a["cache"] for a in layer_aux)
 
 
-def _generate(graphdef, num_steps, state, cache, reset, page_table, lengths, prefix, tokens,
-              positions, segment_ids, last, seeds, steps, temperature, top_k, top_p):
+def _generate(graphdef, num_steps, block_sizes, state, cache, reset, page_table, lengths, prefix,
+              tokens, positions, segment_ids, last, seeds, steps, temperature, top_k, top_p):
     """Prefill (num_steps=1, T >= 1) or decode `num_steps` tokens (T = 1) on every slot.
 
     Decoding several tokens per call keeps the loop on the device: each step feeds
@@ -122,7 +122,7 @@ def _generate(graphdef, num_steps, state, cache, reset, page_table, lengths, pre
     paged = page_table is not None
     if paged:  # the pools travel; the host's block tables say which rows use which pages
         cache = tuple(PagedKV(k_pages=k, v_pages=v, page_table=page_table, lengths=lengths,
-                              prefix=prefix) for k, v in cache)
+                              prefix=prefix, block_sizes=block_sizes) for k, v in cache)
     else:
         cache = reset_rows(cache, reset)
 
@@ -179,7 +179,7 @@ def _compiled(graphdef):
     cache is donated (its buffers are reused in place) on every backend, so CPU tests
     catch what donation forbids (one buffer passed twice).
     """
-    return jax.jit(functools.partial(_generate, graphdef), static_argnums=0, donate_argnums=2)
+    return jax.jit(functools.partial(_generate, graphdef), static_argnums=(0, 1), donate_argnums=3)
 
 
 class Engine:
@@ -198,6 +198,9 @@ class Engine:
         prompt) once per chunk of rows instead of once per row
         (pallas_kernels/paged_attention/cascade.py; paged only, not in sliding-window
         layers).
+      paged_block_sizes: the paged decode kernel's BlockSizes (paged only; e.g.
+        `pallas_kernels.paged_attention.gpu.BlockSizes(kernel="triton")` to compare
+        the GPU kernels); None: the backend's defaults.
       min_bucket: shortest prefill length; prefill lengths are powers of two from it
         up to BUCKET_STEP, then multiples of BUCKET_STEP (a 2,080-token prompt runs as
         2,560, not 4,096).
@@ -210,7 +213,7 @@ class Engine:
     def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None,
                  cache_kind: str = "dense", page_size: int = 16, num_pages: int | None = None,
                  radix: bool = False, min_bucket: int = 16, decode_steps: int = 8,
-                 cascade: bool = True):
+                 cascade: bool = True, paged_block_sizes=None):
         cfg = model.cfg
         if cache_kind not in CACHE_KINDS:
             raise ValueError(f"{cache_kind=} must be one of {CACHE_KINDS}")
@@ -227,6 +230,7 @@ class Engine:
         self.max_slots, self.kind, self.min_bucket = max_slots, cache_kind, min_bucket
         self.decode_steps = decode_steps
         self.cascade = cascade and cache_kind == "paged"
+        self.paged_block_sizes = paged_block_sizes
         self.cache = init_cache(cfg, max_slots, self.max_len, cache_kind,
                                 page_size=page_size, num_pages=num_pages)
         if cache_kind == "paged":  # keep the pools; block tables come from the host per call
@@ -481,9 +485,9 @@ class Engine:
                     lengths[r] = starts.get(rows[r], req.written)
             if decode and self.cascade:
                 prefix = find_shared_prefix(table, lengths, self.tables.page_size)
-        tok, self.cache = self._generate(num_steps, self.state, self.cache, reset, table, lengths,
-                                         prefix, tokens, positions, segs, last, seeds, steps,
-                                         temp, top_k, top_p)
+        tok, self.cache = self._generate(num_steps, self.paged_block_sizes, self.state, self.cache,
+                                         reset, table, lengths, prefix, tokens, positions, segs,
+                                         last, seeds, steps, temp, top_k, top_p)
         return np.asarray(tok)
 
     def _append(self, slot: int, token: int) -> bool:

@@ -55,7 +55,7 @@ class SharedPrefix(NamedTuple):
 
 def cascade_paged_attention(q, k_pages, v_pages, lengths, prefix: SharedPrefix, *,
                             sm_scale: float | None = None, logit_soft_cap: float | None = None,
-                            impl: str = "auto", chunk: int | None = None):
+                            impl: str = "auto", chunk: int | None = None, block_sizes=None):
     """Decode attention of `paged_attention` (no sliding window), with `prefix` read
     once per `chunk` sequences.
 
@@ -65,6 +65,7 @@ def cascade_paged_attention(q, k_pages, v_pages, lengths, prefix: SharedPrefix, 
       prefix: the SharedPrefix of the batch.
       chunk: sequences whose queries share one read of the prefix (default: as many as
         fit MAX_PREFIX_ROWS query rows per kv head).
+      block_sizes: the backend's BlockSizes for both parts (None: its defaults).
     Returns:
       [B, H, D] in q's dtype: equal to paged_attention over the full tables.
     """
@@ -73,7 +74,7 @@ def cascade_paged_attention(q, k_pages, v_pages, lengths, prefix: SharedPrefix, 
     g = h // hkv
     chunk = chunk or max(1, MAX_PREFIX_ROWS // g)
     kw = dict(sm_scale=sm_scale if sm_scale is not None else d**-0.5,
-              logit_soft_cap=logit_soft_cap, impl=impl, return_lse=True)
+              logit_soft_cap=logit_soft_cap, impl=impl, block_sizes=block_sizes, return_lse=True)
 
     own = lengths - jnp.where(prefix.shares, prefix.length, 0)
     o_own, lse_own = paged_attention(q, k_pages, v_pages, own, prefix.suffix_table, **kw)

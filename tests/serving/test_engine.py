@@ -165,21 +165,29 @@ def test_radix_prefix_sharing_gives_the_same_tokens_and_skips_prefill():
 
 def test_cascade_decode_over_a_shared_prefix_gives_the_same_tokens(monkeypatch):
     """Rows that share radix-cached prompt pages decode with the cascade kernel (the
-    prefix read once per chunk of rows) and still give each request's own tokens."""
+    prefix read once per chunk of rows) and still give each request's own tokens; the
+    engine's paged_block_sizes reach the kernel calls."""
     import serving.engine as engine_mod
+    from pallas_kernels.paged_attention import cascade as cascade_mod
+    from pallas_kernels.paged_attention import gpu as paged_gpu
 
-    found = []
+    found, tilings = [], []
     original = engine_mod.find_shared_prefix
     monkeypatch.setattr(engine_mod, "find_shared_prefix",
                         lambda *a: (found.append(original(*a)), found[-1])[1])
+    kernel = cascade_mod.paged_attention
+    monkeypatch.setattr(cascade_mod, "paged_attention", lambda *a, **kw: (
+        tilings.append(kw["block_sizes"]), kernel(*a, **kw))[1])
+    tiles = paged_gpu.BlockSizes(kernel="triton")  # ignored by the CPU reference backend
     prefix = list(range(40, 56))  # 16 tokens = 4 pages of 4
     reqs = make_requests(8, seed=4, shared_prefix=prefix)
     refs = [reference_generate(llama(), p, **kw) for p, kw in reqs]
     engine = Engine(llama(), max_slots=4, max_len=MAX_SEQ, cache_kind="paged", page_size=4,
-                    radix=True, min_bucket=32)
+                    radix=True, min_bucket=32, paged_block_sizes=tiles)
     rids = [engine.submit(p, **kw) for p, kw in reqs]
     engine.run()
     assert [engine.result(r) for r in rids] == refs
+    assert tilings and all(t is tiles for t in tilings)
     shared = [p for p in found if p is not None]
     assert shared and max(int(p.shares.sum()) for p in shared) >= 3
     assert max(int(p.length) for p in shared) >= len(prefix)
