@@ -1,7 +1,7 @@
 """Radix prefix cache against a brute-force model: the set of cached page-aligned
 prefixes (prefix-closed), the page of each, and the time each was last used."""
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from serving.paged import PagePool, PoolExhausted
@@ -68,16 +68,44 @@ OPS = st.one_of(
 
 @settings(max_examples=120, deadline=None)
 @given(st.lists(OPS, max_size=30))
+# Inserts that must evict first (the model once missed evictions made inside insert).
+@example([("insert", [0, 0, 1, 1, 0, 0, 0, 0]), ("insert", [1, 0, 0, 0]), ("insert", [0] * 8),
+          ("insert", [0, 1, 0, 0, 0, 0, 0, 0]), ("insert", [0, 0, 1, 1, 0, 0, 0, 0])])
+@example([("insert", [1, 0, 0, 0]), ("insert", [1, 1, 0, 0, 0, 0]), ("insert", [0] * 8),
+          ("insert", [0, 1, 0, 0, 0, 0, 0, 0]), ("insert", [0] * 8)])
 def test_radix_against_model(ops):
     pool = PagePool(num_pages=16, page_size=PAGE)
     cache, model = RadixCache(pool), Model()
     running = []  # (node, prefix chunks, pages held) of requests that locked a match
     queried = matched = 0
+
+    def evict_and_check(num_pages):
+        """Evict through the tree, check it against the model, and mirror it there."""
+        before, free_before = dict(model.cached), pool.num_free
+        freed = cache.evict(num_pages)
+        after = tree_prefixes(cache)
+        assert pool.num_free - free_before == freed
+        # Only removals, and the remaining prefixes keep their pages.
+        assert all(before[p] == page for p, page in after.items())
+        evicted = set(before) - set(after)
+        locked = {path[:j] for _, path, _ in running for j in range(1, len(path) + 1)}
+        assert not evicted & locked, "a locked prefix was evicted"
+        model.cached = {p: before[p] for p in after}
+        unlocked_leaves = [p for p in model.leaves() if p not in locked]
+        # Stops once enough is freed; short only when nothing evictable remains.
+        assert freed >= num_pages or not unlocked_leaves
+        if num_pages == 0:
+            assert not evicted
+        # LRU: nothing evicted was used more recently than a surviving unlocked leaf.
+        for e in evicted:
+            for r in unlocked_leaves:
+                assert model.time[e] <= model.time[r]
+
     for kind, arg in ops:
         if kind == "insert":
             n = len(arg) // PAGE
-            if n > pool.num_free:
-                cache.evict(n - pool.num_free)  # what an engine does before allocating
+            if n > pool.num_free:  # what an engine does before allocating
+                evict_and_check(n - pool.num_free)
             try:
                 pages = pool.allocate(n)
             except PoolExhausted:
@@ -97,25 +125,7 @@ def test_radix_against_model(ops):
             cache.unlock(node)
             pool.release(pages)
         elif kind == "evict":
-            before, free_before = dict(model.cached), pool.num_free
-            freed = cache.evict(arg)
-            after = tree_prefixes(cache)
-            assert pool.num_free - free_before == freed
-            # Only removals, and the remaining prefixes keep their pages.
-            assert all(before[p] == page for p, page in after.items())
-            evicted = set(before) - set(after)
-            locked = {path[:j] for _, path, _ in running for j in range(1, len(path) + 1)}
-            assert not evicted & locked, "a locked prefix was evicted"
-            model.cached = {p: before[p] for p in after}
-            unlocked_leaves = [p for p in model.leaves() if p not in locked]
-            # Stops once enough is freed; short only when nothing evictable remains.
-            assert freed >= arg or not unlocked_leaves
-            if arg == 0:
-                assert not evicted
-            # LRU: nothing evicted was used more recently than a surviving unlocked leaf.
-            for e in evicted:
-                for r in unlocked_leaves:
-                    assert model.time[e] <= model.time[r]
+            evict_and_check(arg)
         # Invariants after every operation.
         assert tree_prefixes(cache) == model.cached
         holders = {}
