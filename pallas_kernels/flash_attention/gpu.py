@@ -599,7 +599,8 @@ def flash_attention_with_lse(
     return o[:, :tq, :, :dv], lse[:, :, :tq]
 
 
-def _is_hopper() -> bool:
+def is_hopper() -> bool:
+    """True when the first device is a Hopper GPU (H100/H200: compute capability 9.0)."""
     device = jax.devices()[0]
     return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
 
@@ -616,7 +617,7 @@ def _hopper_blocks(q, k, v, blocks: BlockSizes, interpret: bool, *, tq_pad, tk_p
                             gpu_hopper_bwd.unsupported_reason)}
     chosen = []
     for field, (choice, tiles, unsupported) in kernels.items():
-        runs_here = not interpret and _is_hopper()
+        runs_here = not interpret and is_hopper()
         if choice not in ("auto", "hopper") or (choice == "auto" and not runs_here):
             chosen.append(None)
             continue

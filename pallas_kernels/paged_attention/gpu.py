@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.flash_attention.gpu import is_hopper
 from pallas_kernels.paged_attention import gpu_hopper
 
 KERNELS = ("auto", "triton", "hopper")
@@ -217,14 +218,9 @@ def check_supported(q, k_pages) -> None:
     del q
 
 
-def _is_hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
-
-
 def _hopper_tiles(q, k_pages, block_sizes: BlockSizes, interpret: bool, logit_soft_cap):
     """Tiles of gpu_hopper.py's kernel if it takes this call, else None (see BlockSizes)."""
-    if block_sizes.kernel == "triton" or (block_sizes.kernel == "auto" and (interpret or not _is_hopper())):
+    if block_sizes.kernel == "triton" or (block_sizes.kernel == "auto" and (interpret or not is_hopper())):
         return None
     tiles = block_sizes.hopper or gpu_hopper.HopperPagedBlocks()
     reason = gpu_hopper.unsupported_reason(q, k_pages, blocks=tiles, logit_soft_cap=logit_soft_cap)

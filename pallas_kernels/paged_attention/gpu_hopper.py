@@ -67,7 +67,7 @@ class HopperPagedBlocks:
 
 def unsupported_reason(q, k_pages, *, blocks: HopperPagedBlocks, logit_soft_cap=None) -> str | None:
     """None if `partial_attention` takes this call, else the reason (a short string)."""
-    b, h, d = q.shape
+    _, h, d = q.shape
     hkv, _, page_size, _ = k_pages.shape
     if logit_soft_cap is not None:
         return "logit_soft_cap (tanh is not lowered here)"

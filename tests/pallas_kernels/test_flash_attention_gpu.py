@@ -245,7 +245,7 @@ def test_lengths_softcap(tq, tk):
 # call and the errors.
 # The Hopper forward and backward, or a ValueError saying why not.
 HOPPER = gpu.BlockSizes(forward="hopper", backward="hopper")
-ON_HOPPER = ON_GPU and gpu._is_hopper()
+ON_HOPPER = ON_GPU and gpu.is_hopper()
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="compiled Mosaic GPU kernel: runs on a Hopper GPU")

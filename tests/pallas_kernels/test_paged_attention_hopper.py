@@ -18,7 +18,7 @@ from test_paged_attention import dense_attention, make_inputs
 from pallas_kernels.paged_attention import gpu as paged_gpu
 from pallas_kernels.paged_attention import gpu_hopper, paged_attention, paged_attention_reference
 
-ON_HOPPER = jax.default_backend() == "gpu" and paged_gpu._is_hopper()
+ON_HOPPER = jax.default_backend() == "gpu" and paged_gpu.is_hopper()
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="Mosaic GPU kernel: runs on a Hopper GPU")
 BF16 = dict(atol=2e-2, rtol=2e-2)
 
@@ -61,7 +61,8 @@ def test_unsupported_reason(kw, dtype, head_dim, page_size, tiles, reason):
     pages = jnp.zeros((2, 4, page_size, head_dim), dtype)
     assert reason in gpu_hopper.unsupported_reason(q, pages, blocks=tiles, **kw)
     q, pages = jnp.zeros((2, 8, 128), jnp.bfloat16), jnp.zeros((2, 4, 16, 128), jnp.bfloat16)
-    assert gpu_hopper.unsupported_reason(q, pages, blocks=tiles) is None or tiles.block_k == 128
+    default = gpu_hopper.HopperPagedBlocks()  # the same call with supported inputs and tiles
+    assert gpu_hopper.unsupported_reason(q, pages, blocks=default) is None
 
 
 def test_routing_and_bad_tiles():
