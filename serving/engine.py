@@ -478,13 +478,15 @@ class Engine:
         if self.tables is not None:
             table = np.zeros((b, self.max_pages), np.int32)
             lengths = np.zeros((b,), np.int32)
+            held = np.zeros((b,), np.int32)  # pages a row holds: room for what this call writes
             if busy:
                 idx = [r for r, _ in busy]
                 table[idx] = self.tables.block_table([req.rid for _, req in busy], max_pages=self.max_pages)
                 for r, req in busy:
                     lengths[r] = starts.get(rows[r], req.written)
+                    held[r] = self.tables.num_pages(req.rid)
             if decode and self.cascade:
-                prefix = find_shared_prefix(table, lengths, self.tables.page_size)
+                prefix = find_shared_prefix(table, lengths, self.tables.page_size, pages_held=held)
         tok, self.cache = self._generate(num_steps, self.paged_block_sizes, self.state, self.cache,
                                          reset, table, lengths, prefix, tokens, positions, segs,
                                          last, seeds, steps, temp, top_k, top_p)

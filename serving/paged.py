@@ -153,6 +153,10 @@ class BlockTables:
     def pages(self, seq_id) -> list[int]:
         return list(self._pages[self._check(seq_id)])
 
+    def num_pages(self, seq_id) -> int:
+        """Pages a sequence holds (room for its tokens so far and those reserved)."""
+        return len(self._pages[self._check(seq_id)])
+
     def allocate(self, seq_id, num_tokens: int, *, prefix_pages: Sequence[int] = (),
                  prefix_len: int | None = None) -> WritePlan:
         """Start a sequence of `num_tokens` tokens, the first `prefix_len` of which are

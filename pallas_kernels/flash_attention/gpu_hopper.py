@@ -287,5 +287,6 @@ def forward(q, k, v, *, causal: bool, sm_scale: float, blocks: HopperBlocks | No
             grid_names=("heads", "q_seq", "batch"),
             num_threads=3,
             thread_name="wg",
+            kernel_name=name,  # the name profiles show (default: "entry")
             compiler_params=plgpu.CompilerParams(approx_math=True),
         )(q, k, v)

@@ -347,7 +347,7 @@ def backward(q, k, v, do, lse, delta, *, causal: bool, sm_scale: float,
         dq = plgpu.kernel(
             dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
             grid=(h, num_q_tiles, b), grid_names=("heads", "q_seq", "batch"),
-            num_threads=3, thread_name="wg", compiler_params=params,
+            num_threads=3, thread_name="wg", kernel_name=name, compiler_params=params,
         )(q, k, v, do, lse2, delta)
 
     # dk, dv: a thread block per 2 x 64 key rows of one kv head, looping over its group.
@@ -373,6 +373,6 @@ def backward(q, k, v, do, lse, delta, *, causal: bool, sm_scale: float,
             out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype),
                       jax.ShapeDtypeStruct(v.shape, v.dtype)),
             grid=(hkv, t // (2 * ROWS), b), grid_names=("heads", "kv_seq", "batch"),
-            num_threads=3, thread_name="wg", compiler_params=params,
+            num_threads=3, thread_name="wg", kernel_name=name, compiler_params=params,
         )(q, k, v, do, lse2, delta)
     return dq, dk, dv_

@@ -32,19 +32,26 @@ from pallas_kernels.paged_attention.gpu import merge_splits
 # Query rows per kv head in one prefix program: G * chunk <= this (64 keeps the GPU
 # kernel's f32 accumulator [rows, D] within registers at D = 128).
 MAX_PREFIX_ROWS = 64
+# Narrowest table find_shared_prefix returns (8 pages: 128 tokens at page 16), so that
+# the suffix tables of a decode run take one or two widths.
+MIN_TABLE_WIDTH = 8
 
 
 class SharedPrefix(NamedTuple):
     """Which sequences share which leading pages.
 
     Attributes:
-      pages: [max_pages] int32 the shared pages in order (entries past the prefix: any
-        valid page index).
+      pages: [P] int32 the shared pages in order (entries past the prefix: any valid
+        page index).
       length: [] int32 tokens in the shared pages (a multiple of the page size).
       shares: [B] bool, True for the sequences whose tables start with `pages` and
         whose lengths are at least `length`.
-      suffix_table: [B, max_pages] int32 each sequence's pages after the prefix (for a
+      suffix_table: [B, S] int32 each sequence's pages after the prefix (for a
         sequence that does not share it: its whole table).
+
+    P and S may be narrower than the full tables (find_shared_prefix trims them): the
+    kernels split their work over the table's width, and a wide table of short rows
+    would leave most splits empty.
     """
 
     pages: jax.Array
@@ -97,15 +104,19 @@ def cascade_paged_attention(q, k_pages, v_pages, lengths, prefix: SharedPrefix, 
     return o.astype(q.dtype)
 
 
-def find_shared_prefix(table, lengths, page_size: int) -> SharedPrefix | None:
+def find_shared_prefix(table, lengths, page_size: int, *, pages_held=None) -> SharedPrefix | None:
     """The longest run of leading pages that the most sequences share, from the host's
     block tables (numpy): the rows whose first page is the most common first page
     share the leading pages they all hold, up to the shortest row's full pages.
 
     Args:
       table: [B, max_pages] int page tables; lengths: [B] int tokens per row (0: unused).
+      pages_held: [B] int pages each row holds, i.e. what the call may fill (default:
+        the pages its length covers); the suffix table keeps room for all of them.
     Returns:
-      A SharedPrefix (numpy arrays), or None when no page is shared by two rows.
+      A SharedPrefix (numpy arrays) whose tables are cut to a power-of-two width (at
+      least MIN_TABLE_WIDTH, at most max_pages; few widths, so few compilations), or
+      None when no page is shared by two rows.
     """
     import numpy as np
 
@@ -122,9 +133,15 @@ def find_shared_prefix(table, lengths, page_size: int) -> SharedPrefix | None:
               int(lengths[group].min()) // page_size)
     shares = np.zeros(table.shape[0], bool)
     shares[group] = True
-    pages = np.zeros(table.shape[1], np.int32)
+    held = -(-lengths // page_size) if pages_held is None else np.asarray(pages_held)
+    own = np.where(shares, held - num, held)
+
+    def width(n):  # a power of two >= n, within [MIN_TABLE_WIDTH, max_pages]
+        return min(table.shape[1], max(MIN_TABLE_WIDTH, 1 << max(int(n) - 1, 0).bit_length()))
+
+    pages = np.zeros(width(num), np.int32)
     pages[:num] = table[group[0], :num]
     suffix = table.astype(np.int32, copy=True)
     suffix[group] = 0
     suffix[group, :table.shape[1] - num] = table[group, num:]
-    return SharedPrefix(pages, np.int32(num * page_size), shares, suffix)
+    return SharedPrefix(pages, np.int32(num * page_size), shares, suffix[:, :width(own.max())])

@@ -248,5 +248,6 @@ def partial_attention(q, k_pages, v_pages, lengths, page_table, *, group: int, s
             grid_names=("split", "head", "seq"),
             num_threads=2,
             thread_name="wg",
+            kernel_name=name,  # the name profiles show (default: "entry")
             compiler_params=plgpu.CompilerParams(approx_math=True),
         )(lengths, page_table, q, k_pages, v_pages)

@@ -8,6 +8,7 @@ import pytest
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_attention.api import returns_lse
 from pallas_kernels.paged_attention.cascade import (
+    MIN_TABLE_WIDTH,
     SharedPrefix,
     cascade_paged_attention,
     find_shared_prefix,
@@ -26,9 +27,9 @@ def shared_prefix_batch(seed, *, heads, kv_heads, head_dim=16, max_pages=6, dtyp
     table = np.zeros((5, max_pages), np.int32)
     for r in (0, 1, 3):
         table[r, :3] = shared
-    table[0, 3:] = own[0:3, 0]
+    table[0, 3:6] = own[0:3, 0]
     table[1, 3:5] = own[3:5, 0]
-    table[2, :] = own[5:11, 0]
+    table[2, :6] = own[5:11, 0]
     lengths = np.array([3 * PAGE + 9, 3 * PAGE + 5, 5 * PAGE + 2, 3 * PAGE, 0], np.int32)
     ks = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(ks[0], (5, heads, head_dim), dtype)
@@ -54,11 +55,30 @@ def test_find_shared_prefix():
     assert find_shared_prefix(table[:1], lengths[:1], PAGE) is None
 
 
-@pytest.mark.parametrize("impl, heads, kv_heads, chunk", [
-    ("pallas_gpu", 4, 4, None), ("pallas_gpu", 8, 2, 2), ("reference", 8, 1, 1),
-    ("pallas_gpu", 16, 2, None)])  # GQA 1 / 4 / 8 / 8; 64 prefix rows per kv head in the last
-def test_cascade_equals_plain_paged_attention(impl, heads, kv_heads, chunk):
-    q, kp, vp, lengths, table = shared_prefix_batch(1, heads=heads, kv_heads=kv_heads)
+def test_find_shared_prefix_trims_wide_tables():
+    """Short rows in a wide table: the prefix and suffix tables are cut to a power of
+    two >= MIN_TABLE_WIDTH that still holds every page a row holds."""
+    _, _, _, lengths, table = shared_prefix_batch(0, heads=2, kv_heads=1, max_pages=40)
+    p = find_shared_prefix(table, lengths, PAGE)
+    assert MIN_TABLE_WIDTH == 8
+    assert p.pages.shape == (8,) and p.suffix_table.shape == (5, 8)  # 3 shared, row 2 holds 6
+    np.testing.assert_array_equal(p.pages[:3], table[0, :3])
+    np.testing.assert_array_equal(p.suffix_table[2], table[2, :8])
+    np.testing.assert_array_equal(p.suffix_table[0, :3], table[0, 3:6])
+    # Pages held beyond the length (reserved for the tokens a decode call writes) are kept.
+    held = np.array([6, 5, 20, 3, 0])
+    assert find_shared_prefix(table, lengths, PAGE, pages_held=held).suffix_table.shape == (5, 32)
+    held[0] = 3 + 33  # a sharing row's own pages count after the prefix: 33 -> 64
+    assert find_shared_prefix(table, lengths, PAGE, pages_held=held).suffix_table.shape == (5, 40)
+
+
+@pytest.mark.parametrize("impl, heads, kv_heads, chunk, max_pages", [
+    ("pallas_gpu", 4, 4, None, 6), ("pallas_gpu", 8, 2, 2, 6), ("reference", 8, 1, 1, 6),
+    ("pallas_gpu", 16, 2, None, 6),  # GQA 1 / 4 / 8 / 8; 64 prefix rows per kv head in the last
+    ("pallas_gpu", 8, 2, None, 40)])  # a wide table, cut by find_shared_prefix
+def test_cascade_equals_plain_paged_attention(impl, heads, kv_heads, chunk, max_pages):
+    q, kp, vp, lengths, table = shared_prefix_batch(1, heads=heads, kv_heads=kv_heads,
+                                                    max_pages=max_pages)
     want = paged_attention(q, kp, vp, jnp.asarray(lengths), jnp.asarray(table), impl="reference")
     prefix = SharedPrefix(*map(jnp.asarray, find_shared_prefix(table, lengths, PAGE)))
     got = cascade_paged_attention(q, kp, vp, jnp.asarray(lengths), prefix, impl=impl, chunk=chunk)

@@ -174,7 +174,7 @@ def test_cascade_decode_over_a_shared_prefix_gives_the_same_tokens(monkeypatch):
     found, tilings = [], []
     original = engine_mod.find_shared_prefix
     monkeypatch.setattr(engine_mod, "find_shared_prefix",
-                        lambda *a: (found.append(original(*a)), found[-1])[1])
+                        lambda *a, **kw: (found.append(original(*a, **kw)), found[-1])[1])
     kernel = cascade_mod.paged_attention
     monkeypatch.setattr(cascade_mod, "paged_attention", lambda *a, **kw: (
         tilings.append(kw["block_sizes"]), kernel(*a, **kw))[1])
