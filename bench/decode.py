@@ -162,8 +162,6 @@ def main(argv=None):
     engine_flags.add_argument("--new_tokens", type=int, default=None, help="generated per request")
     engine_flags.add_argument("--slots", type=int, default=None, help="engine batch rows")
     engine_flags.add_argument("--decode_steps", type=int, default=8, help="tokens per decode call")
-    engine_flags.add_argument("--unroll_decode", choices=("auto", "on", "off"), default="auto",
-                              help="decode steps of a call unrolled (auto: on a GPU)")
     engine_flags.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
     engine_flags.add_argument("--profile", default=None, help="trace one more run of each setting "
                               "into this directory and print where the GPU time goes")
@@ -304,8 +302,7 @@ def engine_benchmark(args) -> str:
     for name, radix, cascade, tiles in settings:
         kw = dict(max_slots=slots, max_len=max_len, cache_kind="paged", page_size=page_size,
                   radix=radix, cascade=cascade, new_tokens=new_tokens,
-                  decode_steps=args.decode_steps, paged_block_sizes=tiles,
-                  unroll_decode={"auto": None, "on": True, "off": False}[args.unroll_decode])
+                  decode_steps=args.decode_steps, paged_block_sizes=tiles)
         run_engine(model, prompts, **kw)  # warm-up: compiles every prefill bucket and decode
         # Median of several timed runs: a single run once took 8x longer than the next
         # ones (a one-off cost after the warm-up run), which would fake a radix gain.
@@ -328,7 +325,7 @@ def engine_benchmark(args) -> str:
              f"model: {cfg.family} {params / 1e6:.1f}M parameters ({cfg.dtype}), random weights; "
              f"{requests} requests = {prefix_len}-token shared prefix + 1..{suffix_len} own tokens, "
              f"{new_tokens} new tokens each (greedy); {slots} slots, paged cache, page {page_size}, "
-             f"up to {args.decode_steps} tokens per decode call (unrolled: {args.unroll_decode}). "
+             f"up to {args.decode_steps} tokens per decode call. "
              f"Requests with identical outputs, radix on vs off: {100 * same:.0f}% (bf16 may "
              "flip near-ties of random-weight logits; f32 must give 100%).", "",
              f"Time: median of {args.repeats} runs after a warm-up run.", "",

@@ -110,7 +110,7 @@ def _run_model(model, cache, tokens, positions, segment_ids, last):
     return model.head(x)[:, 0], tuple(a["cache"] for a in layer_aux)
 
 
-def _generate(graphdef, num_steps, block_sizes, unroll, state, cache, reset, page_table, lengths, prefix,
+def _generate(graphdef, num_steps, block_sizes, state, cache, reset, page_table, lengths, prefix,
               tokens, positions, segment_ids, last, seeds, steps, temperature, top_k, top_p):
     """Prefill (num_steps=1, T >= 1) or decode `num_steps` tokens (T = 1) on every slot.
 
@@ -144,8 +144,7 @@ def _generate(graphdef, num_steps, block_sizes, unroll, state, cache, reset, pag
         nxt, cache = one_token(cache, tok[:, None], pos, steps)
         return (cache, nxt, pos, steps), nxt
 
-    (cache, *_), rest = jax.lax.scan(body, (cache, tok, positions, steps), length=num_steps - 1,
-                                     unroll=unroll)
+    (cache, *_), rest = jax.lax.scan(body, (cache, tok, positions, steps), length=num_steps - 1)
     return jnp.concatenate([tok[:, None], rest.T], axis=1), pools(cache)
 
 
@@ -180,7 +179,7 @@ def _compiled(graphdef):
     cache is donated (its buffers are reused in place) on every backend, so CPU tests
     catch what donation forbids (one buffer passed twice).
     """
-    return jax.jit(functools.partial(_generate, graphdef), static_argnums=(0, 1, 2), donate_argnums=4)
+    return jax.jit(functools.partial(_generate, graphdef), static_argnums=(0, 1), donate_argnums=3)
 
 
 class Engine:
@@ -209,18 +208,12 @@ class Engine:
         powers of two up to it, never past the nearest max_new_tokens). Requests join
         and leave between calls, so larger values trade admission latency and work
         wasted after stop tokens for less host overhead per token.
-      unroll_decode: run a call's decode steps as straight-line code instead of a loop
-        (None: on a GPU only). A loop on a GPU reads its condition back on the host at
-        every step, and the device idles while the host launches the next step's
-        kernels: in a profile of bench/decode.py's engine part on an H200, 184 ms of a
-        327 ms run were such waits. Unrolling costs compile time (a longer program per
-        step count); TPU and CPU loops run without that round trip.
     """
 
     def __init__(self, model, *, max_slots: int = 8, max_len: int | None = None,
                  cache_kind: str = "dense", page_size: int = 16, num_pages: int | None = None,
                  radix: bool = False, min_bucket: int = 16, decode_steps: int = 8,
-                 cascade: bool = True, paged_block_sizes=None, unroll_decode: bool | None = None):
+                 cascade: bool = True, paged_block_sizes=None):
         cfg = model.cfg
         if cache_kind not in CACHE_KINDS:
             raise ValueError(f"{cache_kind=} must be one of {CACHE_KINDS}")
@@ -236,9 +229,6 @@ class Engine:
         self.max_len = cfg.max_seq_len if max_len is None else max_len
         self.max_slots, self.kind, self.min_bucket = max_slots, cache_kind, min_bucket
         self.decode_steps = decode_steps
-        if unroll_decode not in (None, True, False):
-            raise ValueError(f"{unroll_decode=} must be True, False or None (unroll on a GPU)")
-        self.unroll_decode = jax.default_backend() == "gpu" if unroll_decode is None else unroll_decode
         self.cascade = cascade and cache_kind == "paged"
         self.paged_block_sizes = paged_block_sizes
         self.cache = init_cache(cfg, max_slots, self.max_len, cache_kind,
@@ -497,8 +487,7 @@ class Engine:
                     held[r] = self.tables.num_pages(req.rid)
             if decode and self.cascade:
                 prefix = find_shared_prefix(table, lengths, self.tables.page_size, pages_held=held)
-        tok, self.cache = self._generate(num_steps, self.paged_block_sizes, self.unroll_decode,
-                                         self.state, self.cache,
+        tok, self.cache = self._generate(num_steps, self.paged_block_sizes, self.state, self.cache,
                                          reset, table, lengths, prefix, tokens, positions, segs,
                                          last, seeds, steps, temp, top_k, top_p)
         return np.asarray(tok)
