@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_attention.api import paged_attention
-from pallas_kernels.paged_attention.gpu import merge_splits
+from pallas_kernels.paged_attention.gpu import _next_pow2, merge_splits
 
 # Query rows per kv head in one prefix program: G * chunk <= this (64 keeps the GPU
 # kernel's f32 accumulator [rows, D] within registers at D = 128).
@@ -137,7 +137,7 @@ def find_shared_prefix(table, lengths, page_size: int, *, pages_held=None) -> Sh
     own = np.where(shares, held - num, held)
 
     def width(n):  # a power of two >= n, within [MIN_TABLE_WIDTH, max_pages]
-        return min(table.shape[1], max(MIN_TABLE_WIDTH, 1 << max(int(n) - 1, 0).bit_length()))
+        return min(table.shape[1], max(MIN_TABLE_WIDTH, _next_pow2(int(n))))
 
     pages = np.zeros(width(num), np.int32)
     pages[:num] = table[group[0], :num]
