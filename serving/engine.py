@@ -110,8 +110,9 @@ def _run_model(model, cache, tokens, positions, segment_ids, last):
     return model.head(x)[:, 0], tuple(a["cache"] for a in layer_aux)
 
 
-def _generate(graphdef, num_steps, block_sizes, state, cache, reset, page_table, lengths, prefix,
-              tokens, positions, segment_ids, last, seeds, steps, temperature, top_k, top_p):
+def _generate(graphdef, num_steps, block_sizes, any_sampled, state, cache, reset, page_table,
+              lengths, prefix, tokens, positions, segment_ids, last, seeds, steps, temperature,
+              top_k, top_p):
     """Prefill (num_steps=1, T >= 1) or decode `num_steps` tokens (T = 1) on every slot.
 
     Decoding several tokens per call keeps the loop on the device: each step feeds
@@ -128,7 +129,8 @@ def _generate(graphdef, num_steps, block_sizes, state, cache, reset, page_table,
 
     def one_token(cache, tokens, positions, steps):
         logits, cache = _run_model(model, cache, tokens, positions, segment_ids, last)
-        tok = sample_tokens(logits, request_keys(seeds, steps), temperature, top_k, top_p)
+        tok = sample_tokens(logits, request_keys(seeds, steps), temperature, top_k, top_p,
+                            any_sampled=any_sampled)
         return tok, cache
 
     def pools(cache):
@@ -179,7 +181,7 @@ def _compiled(graphdef):
     cache is donated (its buffers are reused in place) on every backend, so CPU tests
     catch what donation forbids (one buffer passed twice).
     """
-    return jax.jit(functools.partial(_generate, graphdef), static_argnums=(0, 1), donate_argnums=3)
+    return jax.jit(functools.partial(_generate, graphdef), static_argnums=(0, 1, 2), donate_argnums=4)
 
 
 class Engine:
@@ -487,7 +489,9 @@ class Engine:
                     held[r] = self.tables.num_pages(req.rid)
             if decode and self.cascade:
                 prefix = find_shared_prefix(table, lengths, self.tables.page_size, pages_held=held)
-        tok, self.cache = self._generate(num_steps, self.paged_block_sizes, self.state, self.cache,
+        any_sampled = bool((temp > 0).any())  # all greedy: no sort, no draw in the call
+        tok, self.cache = self._generate(num_steps, self.paged_block_sizes, any_sampled,
+                                         self.state, self.cache,
                                          reset, table, lengths, prefix, tokens, positions, segs,
                                          last, seeds, steps, temp, top_k, top_p)
         return np.asarray(tok)

@@ -116,16 +116,17 @@ def filter_logits(logits, temperature, top_k, top_p):
     return top_p_filter(top_k_filter(logits / t[:, None], top_k), top_p)
 
 
-def sample_tokens(logits, keys, temperature, top_k, top_p):
+def sample_tokens(logits, keys, temperature, top_k, top_p, *, any_sampled=True):
     """Next token [B] int32 from logits [B, V] with per-row parameters [B] and keys [B].
 
-    An all-greedy batch skips the filters (two sorts of [B, V]) and the draw.
+    `any_sampled` is static: False says every row is greedy (temperature 0), so the
+    filters (two sorts of [B, V]) and the draw are left out of the computation. The
+    caller knows this on the host; deciding it on the device with a `lax.cond` made
+    XLA on a GPU copy the predicate to the host and wait for it in every decoding step.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw():
-        filtered = filter_logits(logits, temperature, top_k, top_p)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-        return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
-
-    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
+    if not any_sampled:
+        return greedy
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)

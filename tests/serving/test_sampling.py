@@ -111,6 +111,23 @@ def test_greedy_rows_take_the_argmax_and_seeds_are_per_request():
     assert len({tuple(x.tolist()) for x in kd[1:]}) == 3
 
 
+def test_all_greedy_batch_compiles_no_sort_and_no_conditional():
+    # The engine says on the host that a batch is all greedy; the compiled step must
+    # then hold neither the filters' sorts nor a device-side branch (a conditional
+    # makes XLA on a GPU wait for its predicate on the host every step).
+    logits = jnp.asarray(random_logits(rows=3, vocab=40, seed=1))
+    zeros, ones = jnp.zeros(3), jnp.ones(3)
+    args = (logits, request_keys(jnp.arange(3), jnp.zeros(3, jnp.int32)), zeros,
+            jnp.zeros(3, jnp.int32), ones)
+    fn = jax.jit(sample_tokens, static_argnames="any_sampled")
+    greedy_hlo = fn.lower(*args, any_sampled=False).as_text()
+    assert "sort" not in greedy_hlo and "conditional" not in greedy_hlo
+    assert "sort" in fn.lower(*args, any_sampled=True).as_text()
+    want = np.argmax(np.asarray(logits), axis=-1)
+    np.testing.assert_array_equal(fn(*args, any_sampled=False), want)
+    np.testing.assert_array_equal(fn(*args, any_sampled=True), want)  # temperature 0 rows
+
+
 def test_sampling_params_validation():
     with pytest.raises(ValueError, match=r"unknown sampling parameter\(s\) \['top_q'\]"):
         SamplingParams.from_kwargs(top_q=0.5)
