@@ -16,6 +16,9 @@ shape for decode); each row holds one request and its own length in the KV cache
      (a `lax.scan` feeding every running request the token it sampled last, so the
      host is not in the loop per token); finished requests (stop token,
      max_new_tokens) leave, and what a row sampled after its stop token is dropped.
+     Whether any row samples (temperature > 0) is decided on the host: an all-greedy
+     call is compiled without the sampling filters, and no device-side branch makes
+     the GPU wait for the host at every token.
 
 With `cache_kind="paged"` the KV cache lives in a page pool (serving/paged.py) and,
 with `radix=True`, a radix tree of token prefixes (serving/radix.py, SGLang's
