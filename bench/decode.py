@@ -304,8 +304,9 @@ def engine_benchmark(args) -> str:
                   radix=radix, cascade=cascade, new_tokens=new_tokens,
                   decode_steps=args.decode_steps, paged_block_sizes=tiles)
         run_engine(model, prompts, **kw)  # warm-up: compiles every prefill bucket and decode
-        # Median of several timed runs: a single run once took 8x longer than the next
-        # ones (a one-off cost after the warm-up run), which would fake a radix gain.
+        # Median of several timed runs. The first timed run of a process used to take
+        # 8-10 s on a GPU: a lazily imported Pallas module changed jax's compilation-cache
+        # key, so everything compiled again (fixed in pallas_kernels/__init__.py).
         runs = [run_engine(model, prompts, **kw) for _ in range(args.repeats)]
         times = [r[1] for r in runs]
         outs, secs, stats = runs[0][0], statistics.median(times), runs[0][2]

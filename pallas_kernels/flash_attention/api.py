@@ -61,15 +61,6 @@ register_backend("xla", _dot_product_attention_backend("xla"))
 register_backend("cudnn", _dot_product_attention_backend("cudnn"))
 
 
-def _load_kernel_backends():
-    """Import the Pallas backends lazily (they register themselves)."""
-    for module in ("gpu", "tpu"):
-        try:
-            __import__(f"pallas_kernels.flash_attention.{module}")
-        except ImportError:
-            pass
-
-
 def validate_inputs(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks, impl):
     """ValueError naming the argument for anything a backend cannot take (shared by backends)."""
     if impl not in IMPLS:
@@ -131,15 +122,12 @@ def flash_attention(
         platform = jax.default_backend()
         impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")
         if impl != "reference":
-            _load_kernel_backends()
             if impl in _BACKENDS:
                 try:
                     return _BACKENDS[impl](q, k, v, block_sizes=block_sizes, **kw)
                 except NotImplementedError:
                     pass
         return _reference_backend(q, k, v, **kw)
-    if impl not in _BACKENDS:
-        _load_kernel_backends()
     if impl not in _BACKENDS:
         raise ValueError(f"attention {impl=} is not available in this build; have {sorted(_BACKENDS)}")
     return _BACKENDS[impl](q, k, v, block_sizes=block_sizes, **kw)
