@@ -10,11 +10,12 @@ from pallas_kernels.paged_attention import paged_attention
 
 attention = flash_attention
 
-# The Pallas backends (they register themselves with their op's api). They are imported
-# here, with the package, not at the first call: jax 0.11's Pallas TPU module defines a
-# config option that is part of jax's compilation-cache key, so importing it during the
-# first trace made every function jitted until then compile again on its next call (on
-# a GPU the serving engine's second run spent 5-8 s recompiling).
+# The Pallas backend modules (flash attention's register themselves with its api; paged
+# attention's api registers wrappers that call them). They are imported here, with the
+# package, not at the first call: jax 0.11's Pallas TPU module defines a config option
+# that is part of jax's compilation-cache key, so importing it during the first trace
+# made every function jitted until then compile again on its next call (on a GPU the
+# serving engine's second run spent 5-8 s recompiling).
 BACKEND_MODULES = ("pallas_kernels.flash_attention.gpu", "pallas_kernels.flash_attention.tpu",
                    "pallas_kernels.paged_attention.gpu", "pallas_kernels.paged_attention.tpu")
 
