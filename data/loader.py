@@ -2,8 +2,12 @@
 
 Each epoch the documents are shuffled, concatenated and cut into rows of `seq_len`
 (data/packing.py); then the rows themselves are shuffled, so the rows of a batch come
-from all over the corpus rather than from one long file. Both permutations are drawn
-from `np.random.default_rng([seed, epoch])`. Epochs follow each other without end:
+from all over the corpus rather than from one long file. The cut points move every
+epoch: rows start at `shift + r * seq_len` with `shift` drawn from [0, seq_len), so a
+long document (one text file: nanoGPT's Shakespeare) is not shown in the same windows
+every epoch, which a small model soon memorises; nanoGPT draws random windows for the
+same reason. The `shift` tokens before the first cut wait for another epoch. The
+permutations and the shift are drawn from `np.random.default_rng([seed, epoch])`. Epochs follow each other without end:
 global row g of the training stream is row `g % R` of epoch `g // R` (R rows per
 epoch; the last row of an epoch is padded). Batch k is global rows [k*B, (k+1)*B);
 host p of P takes the p-th contiguous block of B/P of them, so the hosts' rows are
@@ -61,19 +65,30 @@ def check_batching(*, seq_len, batch_size, process_index=0, process_count=1,
 
 
 class EpochPlan:
-    """One epoch's document order and row order."""
+    """One epoch's document order, row order and first cut (`shift`).
+
+    `shift_cuts=False` (evaluation) cuts at 0, so the rows cover the whole stream.
+    With a shift, the last row may run past the stream's end (its tail is padding).
+    """
 
     def __init__(self, docs: Documents, seq_len: int, seed: int, epoch: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, shift_cuts: bool = False):
         d = len(docs)
         self.num_rows = math.ceil(docs.num_tokens / seq_len)
+        self.shift = 0
         if shuffle:
             rng = np.random.default_rng([seed, epoch])
             self.order = rng.permutation(d)              # [D] documents into the stream
             self.row_order = rng.permutation(self.num_rows)  # [R] stream rows into the epoch
+            if shift_cuts:
+                self.shift = int(rng.integers(seq_len))
         else:
             self.order, self.row_order = np.arange(d), np.arange(self.num_rows)
         self.cum = stream_offsets(docs.lengths[self.order])  # [D+1]
+
+    def row_starts(self, rows: np.ndarray, seq_len: int) -> np.ndarray:
+        """Stream positions where the epoch's rows `rows` begin."""
+        return self.shift + self.row_order[rows] * seq_len
 
 
 class TrainLoader:
@@ -108,7 +123,8 @@ class TrainLoader:
         if epoch not in self._plans:
             # A batch spans at most two epochs: keep this one and the one before.
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-            self._plans[epoch] = EpochPlan(self.docs, self.seq_len, self.seed, epoch)
+            self._plans[epoch] = EpochPlan(self.docs, self.seq_len, self.seed, epoch,
+                                           shift_cuts=True)
         return self._plans[epoch]
 
     def rows(self, global_rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -117,7 +133,7 @@ class TrainLoader:
         for epoch in np.unique(global_rows // self.num_rows):
             plan = self._plan(int(epoch))
             sel = global_rows // self.num_rows == epoch
-            starts = plan.row_order[global_rows[sel] % self.num_rows] * self.seq_len
+            starts = plan.row_starts(global_rows[sel] % self.num_rows, self.seq_len)
             part = pack_rows(self.docs, plan.order, plan.cum, starts, self.seq_len)
             if out is None:
                 out = {k: np.zeros((len(global_rows),) + v.shape[1:], v.dtype)

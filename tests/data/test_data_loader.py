@@ -31,10 +31,13 @@ def assert_batches_equal(a, b):
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def check_rows_cover_documents(rows, doc_list, where):
-    """Every token of every document exactly once; targets are the document's next token."""
+def check_rows_cover_documents(rows, doc_list, where, expected=None):
+    """Every token of every document (or of `expected`) exactly once; targets are the
+    document's next token."""
     tokens = rows["tokens"][rows["segment_ids"] > 0]
-    assert sorted(tokens.tolist()) == sorted(int(t) for doc in doc_list for t in doc)
+    if expected is None:
+        expected = [int(t) for doc in doc_list for t in doc]
+    assert sorted(tokens.tolist()) == sorted(expected)
     for t, tgt, m in zip(rows["tokens"].ravel(), rows["targets"].ravel(),
                          rows["loss_mask"].ravel(), strict=True):
         if t == 0:
@@ -45,14 +48,45 @@ def check_rows_cover_documents(rows, doc_list, where):
 
 
 def test_one_epoch_holds_every_token_once_and_epochs_reshuffle():
+    """Each epoch: the shuffled stream from its `shift`-th token on, every token once."""
     docs, doc_list, where = unique_token_docs()
     loader = TrainLoader(docs, seq_len=16, batch_size=4, seed=3)
     r = loader.num_rows
     assert r == -(-docs.num_tokens // 16)
-    check_rows_cover_documents(loader.rows(np.arange(r)), doc_list, where)
-    check_rows_cover_documents(loader.rows(np.arange(r, 2 * r)), doc_list, where)
+    for epoch in range(2):
+        plan = loader._plan(epoch)
+        stream = np.concatenate([doc_list[d] for d in plan.order])
+        check_rows_cover_documents(loader.rows(np.arange(epoch * r, (epoch + 1) * r)),
+                                   doc_list, where, expected=stream[plan.shift:].tolist())
     assert not np.array_equal(loader.rows(np.arange(r))["tokens"],
                               loader.rows(np.arange(r, 2 * r))["tokens"])
+
+
+def test_one_long_document_is_cut_at_new_points_every_epoch():
+    """nanoGPT's Shakespeare case: one document. Token t is the number t, so a row's first
+    token is where its window starts; windows must start at another offset each epoch,
+    and resuming mid-stream (across an epoch boundary) gives exactly the same rows."""
+    seq_len, n = 32, 32 * 50 + 7
+    docs = from_arrays([np.arange(1, n + 1)])
+    loader = TrainLoader(docs, seq_len=seq_len, batch_size=5, seed=0)
+    r = loader.num_rows
+    offsets = []
+    for epoch in range(6):
+        rows = loader.rows(np.arange(epoch * r, (epoch + 1) * r))
+        live = rows["segment_ids"][:, 0] > 0
+        starts = rows["tokens"][live, 0] - 1
+        offsets.append(set((starts % seq_len).tolist()))
+        for row in rows["tokens"][live]:   # each row a contiguous window of the text
+            body = row[row > 0]
+            np.testing.assert_array_equal(body, np.arange(body[0], body[0] + body.size))
+    assert all(len(o) == 1 for o in offsets)             # one cut phase per epoch ...
+    assert len(set().union(*offsets)) >= 4               # ... that moves between epochs
+    full = take(TrainLoader(docs, seq_len=seq_len, batch_size=5, seed=0), 25)  # 2.4 epochs
+    resumed = TrainLoader(docs, seq_len=seq_len, batch_size=5, seed=0)
+    state = TrainLoader(docs, seq_len=seq_len, batch_size=5, seed=0)
+    take(state, 9)                                       # stop inside epoch 0
+    resumed.set_state(json.loads(json.dumps(state.get_state())))
+    assert_batches_equal(take(resumed, 16), full[9:])
 
 
 def test_same_seed_same_stream_other_seed_other_stream():
