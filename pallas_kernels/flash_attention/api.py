@@ -13,6 +13,12 @@ impl:
 
 A backend is a function with the signature of `flash_attention` minus `impl`; it raises
 `NotImplementedError` for a feature it lacks, and "auto" then falls back to the reference.
+
+Attention dropout (`dropout_rate > 0` with a `dropout_seed`; dropout.py) is implemented by
+the impls in `DROPOUT_IMPLS`; the others raise a ValueError. Only those backends ever see
+the two arguments, and only when the rate is above 0. "auto" with dropout runs the Triton
+kernel on GPU (never the Hopper Mosaic kernels), the Pallas TPU kernel on TPU and the
+reference on CPU.
 """
 from __future__ import annotations
 
@@ -22,8 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import reference
+from pallas_kernels.flash_attention.dropout import check_dropout
 
 IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu", "cudnn", "xla", "ring")
+DROPOUT_IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")  # with attention dropout
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 _BACKENDS: dict[str, Callable] = {}
@@ -110,14 +118,27 @@ def flash_attention(
     logit_soft_cap: float | None = None,
     sm_scale: float | None = None,
     sinks=None,
+    dropout_rate: float = 0.0,
+    dropout_seed=None,
     impl: str = "auto",
     block_sizes=None,
 ):
-    """Attention over BTHD arrays; see reference.py for the exact mask semantics."""
+    """Attention over BTHD arrays; see reference.py for the exact mask semantics.
+
+    `dropout_rate` > 0 drops attention probabilities (scaling the kept by 1 / (1 - rate))
+    with the mask of dropout.keep_mask for `dropout_seed` (a Python int or an int32/uint32
+    scalar array, may be traced); only the impls in DROPOUT_IMPLS take it.
+    """
     validate_inputs(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks, impl)
+    dropout_rate = check_dropout(dropout_rate, dropout_seed)
+    if dropout_rate > 0 and impl not in DROPOUT_IMPLS:
+        raise ValueError(f"attention {impl=} has no attention dropout ({dropout_rate=}); "
+                         f"impls with attention dropout: {DROPOUT_IMPLS}")
     kw = dict(causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
               q_positions=q_positions, kv_positions=kv_positions,
               logit_soft_cap=logit_soft_cap, sm_scale=sm_scale, sinks=sinks)
+    if dropout_rate > 0:  # only then: backends without dropout never see the arguments
+        kw.update(dropout_rate=dropout_rate, dropout_seed=dropout_seed)
     if impl == "auto":
         platform = jax.default_backend()
         impl = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "reference")

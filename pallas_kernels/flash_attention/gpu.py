@@ -6,11 +6,18 @@ the log-sum-exp; the backward recomputes the probabilities from it in two kernel
 for dq (a program per query block) and one for dk/dv (a program per key block, which
 also loops over the query heads that share the kv head, so GQA needs no K/V repeat and
 no reduction afterwards). Every mask of reference.py is supported — causal, sliding
-window, segment ids, explicit positions — plus soft-capping and attention sinks; tiles
-the mask hides entirely are never visited (gpu_tiling.py).
+window, segment ids, explicit positions — plus soft-capping, attention sinks and attention
+dropout; tiles the mask hides entirely are never visited (gpu_tiling.py).
+
+Dropout (`dropout_rate > 0`, FlashAttention-2 with dropout): every tile regenerates its
+keep mask from (seed, batch, query head, query row, key row) with dropout.keep_mask, in
+the forward and again in the backward, so the mask is never stored. The forward scales
+the kept probabilities by 1 / (1 - rate) in P @ V only (the log-sum-exp is the undropped
+softmax's); the backward applies the mask to dV = Pdᵀ dO and dP = dO Vᵀ, and
+ds = p * (dp - delta) holds unchanged because o already carries the dropout.
 
 On a Hopper GPU (H100/H200, compiled) the common training calls — full or causal, bf16/f16,
-head dims 64/128 (256 forward only), no padding — go instead to the warp-specialised
+head dims 64/128 (256 forward only), no padding, no dropout — go instead to the warp-specialised
 Mosaic GPU kernels of gpu_hopper.py (forward) and gpu_hopper_bwd.py (backward), about 1.3x
 faster than these Triton kernels there; `BlockSizes.forward` / `.backward` choose.
 
@@ -37,7 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import api, gpu_hopper, gpu_hopper_bwd, reference
+from pallas_kernels.flash_attention import api, dropout, gpu_hopper, gpu_hopper_bwd, reference
 from pallas_kernels.flash_attention.gpu_tiling import block_spans
 
 LOG2E = math.log2(math.e)
@@ -142,6 +149,7 @@ class _Config:
     interpret: bool
     hopper: gpu_hopper.HopperBlocks | None = None  # forward by gpu_hopper.py when set
     hopper_bwd: gpu_hopper_bwd.HopperBackwardBlocks | None = None  # backward by gpu_hopper_bwd
+    dropout_rate: float = 0.0  # attention dropout; > 0 adds the seed input to every kernel
 
 
 def _next_pow2(n: int) -> int:
@@ -177,6 +185,16 @@ def _keep(q_pos, kv_pos, q_seg, kv_seg, kv_idx, cfg: _Config):
     return keep
 
 
+def _dropout_keep(seed_ref, batch, head, q_idx, kv_idx, cfg: _Config):
+    """dropout.keep_mask on one tile: True where p[batch, head, q_idx, kv_idx] is kept."""
+    return dropout.keep_mask(seed_ref[0], batch, head, q_idx, kv_idx, rate=cfg.dropout_rate)
+
+
+def _dropped(keep, x, cfg: _Config):
+    """x * keep / (1 - rate): a kept entry scaled up, a dropped one 0."""
+    return jnp.where(keep, x * (1.0 / (1.0 - cfg.dropout_rate)), 0.0)
+
+
 def _visit(spans_ref, num_blocks, body, carry, cfg: _Config):
     """Run body(j, carry, masked) over the needed blocks: masked, unmasked, masked."""
     if not cfg.masked:
@@ -188,13 +206,15 @@ def _visit(spans_ref, num_blocks, body, carry, cfg: _Config):
 
 
 def _unpack(refs, cfg: _Config, names):
-    """Name the positional refs; segment refs and sinks are present only when used."""
+    """Name the positional refs; segment refs, sinks and seed are present only when used."""
     refs = list(refs)
     out = {}
     for name in names:
         if name in ("q_seg", "kv_seg") and not cfg.has_segments:
             out[name] = None
         elif name == "sinks" and not cfg.has_sinks:
+            out[name] = None
+        elif name == "seed" and not cfg.dropout_rate:
             out[name] = None
         else:
             out[name] = refs.pop(0)
@@ -203,7 +223,8 @@ def _unpack(refs, cfg: _Config, names):
 
 
 # ----------------------------------------------------------------------------- forward
-_FWD_INPUTS = ("spans", "q_pos", "kv_pos", "q_seg", "kv_seg", "q", "k", "v", "sinks", "o", "lse")
+_FWD_INPUTS = ("spans", "q_pos", "kv_pos", "q_seg", "kv_seg", "q", "k", "v", "sinks", "seed",
+               "o", "lse")
 
 
 def _fwd_kernel(*refs, cfg: _Config):
@@ -212,6 +233,9 @@ def _fwd_kernel(*refs, cfg: _Config):
     q = r["q"][...]  # [bq, D]
     q_pos = r["q_pos"][...][:, None]  # [bq, 1]
     q_seg = r["q_seg"][...][:, None] if cfg.has_segments else None
+    # Dropout indices; program ids are read here, outside the loops (interpret mode needs it).
+    q_idx = (pl.program_id(0) * bq + jnp.arange(bq, dtype=jnp.int32))[:, None]  # [bq, 1]
+    batch, head = pl.program_id(1), pl.program_id(2)
     dv = r["v"].shape[-1]
 
     def body(j, carry, masked):
@@ -220,9 +244,9 @@ def _fwd_kernel(*refs, cfg: _Config):
         k = r["k"][ks, :]  # [bk, D]
         v = r["v"][ks, :]  # [bk, Dv]
         s, _ = _scores(q, k, cfg)  # [bq, bk], base 2
+        kv_idx = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]  # [1, bk]
         if masked:
             kv_seg = r["kv_seg"][ks][None, :] if cfg.has_segments else None
-            kv_idx = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]
             keep = _keep(q_pos, r["kv_pos"][ks][None, :], q_seg, kv_seg, kv_idx, cfg)
             s = jnp.where(keep, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -230,7 +254,9 @@ def _fwd_kernel(*refs, cfg: _Config):
         m_sub = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_sub)
         p = jnp.exp2(s - m_sub[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
+        l = l * alpha + jnp.sum(p, axis=1)  # the denominator sums the undropped p
+        if cfg.dropout_rate:
+            p = _dropped(_dropout_keep(r["seed"], batch, head, q_idx, kv_idx, cfg), p, cfg)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
@@ -250,7 +276,10 @@ def _fwd_kernel(*refs, cfg: _Config):
     r["lse"][...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
 
 
-def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, spans, cfg: _Config):
+_SEED_SPEC = pl.BlockSpec((1,), lambda *_: (0,))  # the dropout seed, [1] int32, in every program
+
+
+def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, seed, spans, cfg: _Config):
     b, tq, h, d = q.shape
     tk, hkv, dv = v.shape[1:]
     group = h // hkv
@@ -275,6 +304,9 @@ def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, spans, cfg: _Config)
     if cfg.has_sinks:
         in_specs.append(pl.BlockSpec((1,), lambda i, bb, hh: (hh,)))
         args.append(sinks)
+    if cfg.dropout_rate:
+        in_specs.append(_SEED_SPEC)
+        args.append(seed)
     name = f"flash_fwd_bq{bq}_bk{bk}"
     with jax.named_scope(name):
         return pl.pallas_call(
@@ -294,32 +326,40 @@ def _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, spans, cfg: _Config)
 
 # ----------------------------------------------------------------------------- backward
 _DQ_INPUTS = ("spans", "q_pos", "kv_pos", "q_seg", "kv_seg", "q", "k", "v", "do", "lse",
-              "delta", "dq")
+              "delta", "seed", "dq")
 
 
 def _dq_kernel(*refs, cfg: _Config):
-    """dq = scale * sum_j ds_j k_j with ds = p * (dp - delta), p = exp2(s - lse)."""
+    """dq = scale * sum_j ds_j k_j with ds = p * (dp - delta), p = exp2(s - lse).
+
+    With dropout dp = (do v^T) * keep / (1 - rate).
+    """
     r = _unpack(refs, cfg, _DQ_INPUTS)
-    bk = cfg.blocks.block_kv_dq
+    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
     q = r["q"][...]  # [bq, D]
     do = r["do"][...]  # [bq, Dv]
     lse = r["lse"][...][:, None]  # [bq, 1], base 2; +inf on empty rows makes p = 0
     delta = r["delta"][...][:, None]  # [bq, 1]
     q_pos = r["q_pos"][...][:, None]
     q_seg = r["q_seg"][...][:, None] if cfg.has_segments else None
+    # Dropout indices; program ids are read here, outside the loops (interpret mode needs it).
+    q_idx = (pl.program_id(0) * bq + jnp.arange(bq, dtype=jnp.int32))[:, None]  # [bq, 1]
+    batch, head = pl.program_id(1), pl.program_id(2)
 
     def body(j, dq, masked):
         ks = pl.ds(j * bk, bk)
         k = r["k"][ks, :]
         v = r["v"][ks, :]
         s, t = _scores(q, k, cfg)  # [bq, bk]
+        kv_idx = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]  # [1, bk]
         if masked:
             kv_seg = r["kv_seg"][ks][None, :] if cfg.has_segments else None
-            kv_idx = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]
             keep = _keep(q_pos, r["kv_pos"][ks][None, :], q_seg, kv_seg, kv_idx, cfg)
             s = jnp.where(keep, s, -jnp.inf)
         p = jnp.exp2(s - lse)
         dp = plgpu.dot(do, v, trans_b=True)  # [bq, bk]
+        if cfg.dropout_rate:
+            dp = _dropped(_dropout_keep(r["seed"], batch, head, q_idx, kv_idx, cfg), dp, cfg)
         ds = p * (dp - delta)
         if t is not None:  # d/dx cap * tanh(x / cap) = 1 - tanh^2
             ds = ds * (1.0 - t * t)
@@ -331,13 +371,15 @@ def _dq_kernel(*refs, cfg: _Config):
 
 
 _DKV_INPUTS = ("spans", "q_pos", "kv_pos", "q_seg", "kv_seg", "q", "k", "v", "do", "lse",
-               "delta", "dk", "dv")
+               "delta", "seed", "dk", "dv")
 # Fused backward: the zeroed f32 dq buffer comes in aliased to the dq output.
 _FUSED_INPUTS = _DKV_INPUTS[:-2] + ("dq_zeros", "dk", "dv", "dq")
 
 
 def _dkv_kernel(*refs, cfg: _Config):
     """dv = sum_i p_i^T do_i and dk = scale * sum_i ds_i^T q_i over queries and GQA heads.
+
+    With dropout p_i^T in dv and dp_i^T are masked and scaled by 1 / (1 - rate).
 
     Works in the transposed frame (key rows, query columns) so every dot has its
     left operand untransposed, as in the Triton fused-attention tutorial.
@@ -351,6 +393,7 @@ def _dkv_kernel(*refs, cfg: _Config):
     kv_pos = r["kv_pos"][...][:, None]  # [bk, 1]
     kv_seg = r["kv_seg"][...][:, None] if cfg.has_segments else None
     kv_idx = (pl.program_id(0) * bk + jnp.arange(bk, dtype=jnp.int32))[:, None]
+    batch, kv_head = pl.program_id(1), pl.program_id(2)  # dropout: query head kv_head * group + g
 
     def body(i, carry, g, masked):
         dk, dv = carry
@@ -363,8 +406,15 @@ def _dkv_kernel(*refs, cfg: _Config):
             keep = _keep(r["q_pos"][qs][None, :], kv_pos, q_seg, kv_seg, kv_idx, cfg)
             s_t = jnp.where(keep, s_t, -jnp.inf)
         p_t = jnp.exp2(s_t - r["lse"][g, qs][None, :])
-        dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
         dp_t = plgpu.dot(v, do, trans_b=True)  # [bk, bq]
+        if cfg.dropout_rate:
+            q_idx = (i * bq + jnp.arange(bq, dtype=jnp.int32))[None, :]  # [1, bq]
+            drop = _dropout_keep(r["seed"], batch, kv_head * group + g, q_idx, kv_idx,
+                                 cfg)  # [bk, bq]
+            dv = dv + plgpu.dot(_dropped(drop, p_t, cfg).astype(do.dtype), do)
+            dp_t = _dropped(drop, dp_t, cfg)
+        else:
+            dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
         ds_t = p_t * (dp_t - r["delta"][g, qs][None, :])
         if t_t is not None:
             ds_t = ds_t * (1.0 - t_t * t_t)
@@ -396,7 +446,7 @@ def _mask_specs(cfg: _Config, tq: int, tk: int, q_block: int | None, kv_block: i
     return specs
 
 
-def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, spans_dkv,
+def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, seed, spans_dq, spans_dkv,
               cfg: _Config):
     """dq, dk, dv from the saved log-sum-exp (base 2, +inf on empty rows) and delta."""
     b, tq, h, d = q.shape
@@ -404,6 +454,7 @@ def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, 
     group = h // hkv
     blocks = cfg.blocks
     segs = [q_seg, kv_seg] if cfg.has_segments else []
+    seeds, seed_specs = ([seed], [_SEED_SPEC]) if cfg.dropout_rate else ([], [])
     params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd,
                                   num_stages=blocks.num_stages_bwd)
 
@@ -421,13 +472,13 @@ def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, 
                 pl.BlockSpec((None, bq, None, dv), lambda i, bb, hh: (bb, i, hh, 0)),
                 pl.BlockSpec((None, None, bq), lambda i, bb, hh: (bb, hh, i)),
                 pl.BlockSpec((None, None, bq), lambda i, bb, hh: (bb, hh, i)),
-            ],
+            ] + seed_specs,
             out_specs=pl.BlockSpec((None, bq, None, d), lambda i, bb, hh: (bb, i, hh, 0)),
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
             compiler_params=params,
             interpret=cfg.interpret,
             name=name,
-        )(spans_dq, q_pos, kv_pos, *segs, q, k, v, do, lse2, delta)
+        )(spans_dq, q_pos, kv_pos, *segs, q, k, v, do, lse2, delta, *seeds)
 
     bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv
     name = f"flash_bwd_{'fused' if fused else 'dkv'}_bq{bq}_bk{bk}"
@@ -435,7 +486,7 @@ def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, 
     # heads of its kv head, so query-side blocks span all of them: [Tq, group, D].
     # Fused: every program of a (batch, kv head) adds into the same dq slab, which
     # the launch order (key blocks fastest) keeps hot in L2 while they run.
-    args = [spans_dkv, q_pos, kv_pos, *segs, q, k, v, do, lse2, delta]
+    args = [spans_dkv, q_pos, kv_pos, *segs, q, k, v, do, lse2, delta, *seeds]
     dq_spec = pl.BlockSpec((None, tq, group, d), lambda j, bb, hh: (bb, 0, hh, 0))
     extra_specs, extra_out, extra_shape, aliases = [], [], [], {}
     if fused:  # a zeroed f32 buffer, aliased to the third output (dq)
@@ -453,7 +504,7 @@ def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, 
                 pl.BlockSpec((None, tq, group, dv), lambda j, bb, hh: (bb, 0, hh, 0)),
                 pl.BlockSpec((None, group, tq), lambda j, bb, hh: (bb, hh, 0)),
                 pl.BlockSpec((None, group, tq), lambda j, bb, hh: (bb, hh, 0)),
-            ] + extra_specs,
+            ] + seed_specs + extra_specs,
             out_specs=[pl.BlockSpec((None, bk, None, d), lambda j, bb, hh: (bb, j, hh, 0)),
                        pl.BlockSpec((None, bk, None, dv), lambda j, bb, hh: (bb, j, hh, 0))]
             + extra_out,
@@ -473,26 +524,28 @@ def _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do, lse2, delta, spans_dq, 
 # ----------------------------------------------------------------------------- custom_vjp
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, sinks, masks, cfg: _Config):
-    """(o, lse) on padded arrays; `masks` holds the int32 positions, segments and spans."""
+    """(o, lse) on padded arrays; `masks` holds the int32 positions, segments, spans and the
+    dropout seed ([1] int32, None without dropout): integers, so no cotangent."""
     return _flash_fwd(q, k, v, sinks, masks, cfg)[0]
 
 
 def _flash_fwd(q, k, v, sinks, masks, cfg: _Config):
-    q_pos, kv_pos, q_seg, kv_seg, spans_fwd, _, _ = masks
+    q_pos, kv_pos, q_seg, kv_seg, spans_fwd, _, _, seed = masks
     if cfg.hopper is not None:
         o, lse = gpu_hopper.forward(q, k, v, causal=cfg.causal, sm_scale=cfg.sm_scale,
                                     blocks=cfg.hopper)
     else:
-        o, lse = _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, spans_fwd, cfg)
+        o, lse = _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, seed, spans_fwd, cfg)
     return (o, lse), (q, k, v, sinks, masks, o, lse)
 
 
 def _flash_bwd(cfg: _Config, res, cotangents):
     q, k, v, sinks, masks, o, lse = res
     do, dlse = cotangents
-    q_pos, kv_pos, q_seg, kv_seg, _, spans_dq, spans_dkv = masks
+    q_pos, kv_pos, q_seg, kv_seg, _, spans_dq, spans_dkv, seed = masks
     # delta_i = rowsum(o_i * do_i) - dlse_i: the softmax backward ds = p * (dp - delta)
-    # then also carries the log-sum-exp cotangent (d lse_i / d s_ij = p_ij).
+    # then also carries the log-sum-exp cotangent (d lse_i / d s_ij = p_ij). With dropout
+    # rowsum(o * do) is still rowsum(p * dp), dp the masked and scaled do v^T: o holds the mask.
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     delta = delta - dlse
     if cfg.hopper_bwd is not None:
@@ -501,7 +554,7 @@ def _flash_bwd(cfg: _Config, res, cotangents):
         return dq, dk, dv, None, None
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)  # empty rows: p = 0
     dq, dk, dv = _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do.astype(q.dtype), lse2,
-                           delta, spans_dq, spans_dkv, cfg)
+                           delta, seed, spans_dq, spans_dkv, cfg)
     dsinks = None
     if sinks is not None:  # d/d sink = -sum_i p_sink,i * delta_i, p_sink = exp(sink - lse)
         p_sink = jnp.exp(sinks[None, :, None] - lse)  # [B, H, Tq]
@@ -526,17 +579,22 @@ def flash_attention_with_lse(
     logit_soft_cap: float | None = None,
     sm_scale: float | None = None,
     sinks=None,
+    dropout_rate: float = 0.0,
+    dropout_seed=None,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
 ):
     """Attention output [B, Tq, H, Dv] and log-sum-exp [B, H, Tq] (natural log).
 
     Differentiable in both outputs (ring attention merges blocks by their lse).
-    Mask semantics are reference.mha_reference's. `interpret=None` picks Pallas
-    interpret mode on a CPU backend, so the kernel runs anywhere.
+    Mask and dropout semantics are reference.mha_reference's (the lse is the undropped
+    softmax's). `interpret=None` picks Pallas interpret mode on a CPU backend, so the
+    kernel runs anywhere.
     """
     api.validate_inputs(q, k, v, segment_ids, q_positions, kv_positions, sliding_window, sinks,
                   "pallas_gpu")
+    dropout_rate = dropout.check_dropout(dropout_rate, dropout_seed,
+                                         where="gpu.flash_attention_with_lse")
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a gpu.BlockSizes or None, got {block_sizes!r}")
     if logit_soft_cap is not None and logit_soft_cap <= 0:
@@ -579,24 +637,31 @@ def flash_attention_with_lse(
     hopper, hopper_bwd = _hopper_blocks(
         q, k, v, blocks, interpret, tq_pad=tq_pad, tk_pad=tk_pad,
         sliding_window=sliding_window, segment_ids=segment_ids,
-        q_positions=q_positions_given, logit_soft_cap=logit_soft_cap, sinks=sinks)
+        q_positions=q_positions_given, logit_soft_cap=logit_soft_cap, sinks=sinks,
+        dropout_rate=dropout_rate or None)  # the Hopper kernels refuse any dropout
     masked = causal or sliding_window is not None or has_segments or tk_pad != tk
     cfg = _Config(hopper=hopper, hopper_bwd=hopper_bwd, causal=causal,
                   sliding_window=sliding_window,
                   logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
                   sm_scale=float(sm_scale), has_segments=has_segments,
                   has_sinks=sinks is not None, kv_len=tk, masked=masked, blocks=blocks,
-                  interpret=bool(interpret))
+                  interpret=bool(interpret), dropout_rate=dropout_rate)
     span = functools.partial(block_spans, q_pos, kv_pos, q_seg, kv_seg, causal=causal,
                              sliding_window=sliding_window, q_len=tq, kv_len=tk)
     masks = (q_pos, kv_pos, q_seg, kv_seg,
              span(block_q=blocks.block_q, block_k=blocks.block_k, over="kv"),
              span(block_q=blocks.block_q_dq, block_k=blocks.block_kv_dq, over="kv"),
-             span(block_q=blocks.block_q_dkv, block_k=blocks.block_kv_dkv, over="q"))
+             span(block_q=blocks.block_q_dkv, block_k=blocks.block_kv_dkv, over="q"),
+             _seed_array(dropout_seed) if dropout_rate else None)
     sinks32 = None if sinks is None else sinks.astype(jnp.float32)
     o, lse = _flash(pad_heads(q, tq_pad, d_pad), pad_heads(k, tk_pad, d_pad),
                     pad_heads(v, tk_pad, dv_pad), sinks32, masks, cfg)
     return o[:, :tq, :, :dv], lse[:, :, :tq]
+
+
+def _seed_array(seed):
+    """The dropout seed as the kernels' [1] int32 input, holding the uint32 bits keep_mask uses."""
+    return jax.lax.bitcast_convert_type(dropout.seed_u32(seed), jnp.int32).reshape(1)
 
 
 def is_hopper() -> bool:

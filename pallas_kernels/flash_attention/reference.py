@@ -17,10 +17,16 @@ Logits are `sm_scale * q.k` (default 1/sqrt(Dqk)), optionally soft-capped
 `cap * tanh(s / cap)` (Gemma 2), and optional per-head `sinks` add a learned logit
 to the softmax denominator only (attention sinks, gpt-oss / StreamingLLM).
 Softmax is computed in f32.
+
+Attention dropout (`dropout_rate > 0`, as torch's `scaled_dot_product_attention`
+dropout_p): o = (p * keep / (1 - rate)) @ v with keep[b, h, i, j] from
+`dropout.keep_mask(seed, b, h, i, j)`; the log-sum-exp stays that of the undropped softmax.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
+
+from pallas_kernels.flash_attention.dropout import keep_mask
 
 NEG_INF = float("-inf")
 
@@ -100,6 +106,8 @@ def mha_reference(
     sm_scale: float | None = None,
     sinks=None,
     return_lse: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_seed=None,
 ):
     """Attention output [B, Tq, H, Dv] (and log-sum-exp [B, H, Tq] if asked)."""
     b, tq, h, _ = q.shape
@@ -120,7 +128,14 @@ def mha_reference(
     denom = jnp.sum(p, axis=-1, keepdims=True)
     if sinks is not None:
         denom = denom + jnp.exp(sinks.astype(jnp.float32)[None, :, None, None] - m_safe)
-    p = p / jnp.where(denom == 0, 1.0, denom)
+    p = p / jnp.where(denom == 0, 1.0, denom)  # [B, H, Tq, Tk]
+    if dropout_rate > 0:
+        iota = lambda n: jnp.arange(n, dtype=jnp.int32)
+        keep = keep_mask(dropout_seed,
+                         iota(b)[:, None, None, None], iota(h)[None, :, None, None],
+                         iota(tq)[None, None, :, None], iota(tk)[None, None, None, :],
+                         rate=dropout_rate)  # [B, H, Tq, Tk]
+        p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
     pg = p.reshape(b, hkv, h // hkv, tq, tk).astype(v.dtype)
     o = jnp.einsum("bhgqk,bkhd->bqhgd", pg, v, preferred_element_type=jnp.float32)
     o = o.reshape(b, tq, h, dv).astype(q.dtype)

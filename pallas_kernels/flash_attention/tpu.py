@@ -24,7 +24,10 @@ Layout: callers pass BTHD; inside, arrays are BHTD so a block is a (sequence, he
 matrix for the MXU, and sequences are padded to whole blocks (padded keys are masked,
 padded query rows dropped). Every mask of reference.py is supported, plus soft-capping
 and attention sinks (a sink is one more softmax term with no value: it is merged into
-the kernel's output by its log-sum-exp, exactly as ring attention merges blocks).
+the kernel's output by its log-sum-exp, exactly as ring attention merges blocks), and
+attention dropout: each live tile regenerates its keep mask with dropout.keep_mask from
+(seed, batch, query head, query row, key row), the seed an SMEM input, in the forward
+(on p in P @ V only) and in the backward (on p in dV and on dp), as gpu.py does.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention import reference, tpu_mask
+from pallas_kernels.flash_attention import dropout, reference, tpu_mask
 from pallas_kernels.flash_attention.api import register_backend
 from pallas_kernels.flash_attention.api import validate_inputs as validate_attention_inputs
 from pallas_kernels.flash_attention.tpu_mask import NUM_LANES, MaskSpec, TokenRefs
@@ -97,6 +100,7 @@ class _Config:
     block_q: int
     block_kv: int
     interpret: object  # False on TPU, pltpu.InterpretParams() elsewhere
+    dropout_rate: float = 0.0  # attention dropout; > 0 adds the seed input (SMEM)
 
     def with_blocks(self, block_q, block_kv):
         return dataclasses.replace(self, block_q=block_q, block_kv=block_kv)
@@ -128,6 +132,19 @@ def _masked_logits(q_ref, k_ref, tokens: TokenRefs, cfg: _Config, *, q_block, kv
     return s, t
 
 
+def _dropout_keep(seed_ref, cfg: _Config, *, batch, head, q_block, kv_block):
+    """dropout.keep_mask on one [bq, bkv] tile, from the unpadded query / key indices."""
+    shape = (cfg.block_q, cfg.block_kv)
+    q_idx = q_block * cfg.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
+    kv_idx = kv_block * cfg.block_kv + lax.broadcasted_iota(jnp.int32, shape, 1)
+    return dropout.keep_mask(seed_ref[0], batch, head, q_idx, kv_idx, rate=cfg.dropout_rate)
+
+
+def _dropped(keep, x, cfg: _Config):
+    """x * keep / (1 - rate): a kept entry scaled up, a dropped one 0."""
+    return jnp.where(keep, x * (1.0 / (1.0 - cfg.dropout_rate)), 0.0)
+
+
 def _live(cfg, q_bounds_ref, kv_bounds_ref, *, batch, q_block, kv_block, num_q, num_kv):
     return tpu_mask.block_is_live(
         cfg.mask, q_bounds_ref, kv_bounds_ref, batch=batch, q_block=q_block,
@@ -139,10 +156,11 @@ def _live(cfg, q_bounds_ref, kv_bounds_ref, *, batch, q_block, kv_block, num_q, 
 
 def _fwd_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,  # scalar prefetch (SMEM)
                 q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,  # inputs
+                seed_ref,  # dropout seed [1] int32 in SMEM, None without dropout
                 o_ref, lse_ref,  # outputs
                 m_ref, l_ref, acc_ref,  # VMEM scratch, alive across the key-block axis
                 *, cfg: _Config, num_q: int, num_kv: int):
-    b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, hi, qi, kj = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     tokens = TokenRefs(q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref)
 
     @pl.when(kj == 0)
@@ -165,6 +183,9 @@ def _fwd_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,  # scalar prefetch (SME
         l_ref[...] = jnp.broadcast_to(alpha * l_prev + p.sum(axis=1, keepdims=True), l_ref.shape)
         m_ref[...] = jnp.broadcast_to(m_new, m_ref.shape)
         v = v_ref[...]  # the MXU takes p in v's dtype (bf16 in training) and accumulates in f32
+        if cfg.dropout_rate:  # l above sums the undropped p; only P @ V sees the dropout
+            p = _dropped(_dropout_keep(seed_ref, cfg, batch=b, head=hi, q_block=qi,
+                                       kv_block=kj), p, cfg)
         acc_ref[...] = alpha * acc_ref[...] + jnp.dot(
             p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
@@ -205,7 +226,12 @@ def _cost(q, k, *, flops_per_pair: int, arrays):
                            bytes_accessed=int(nbytes))
 
 
-def _forward(q, k, v, tokens, cfg: _Config):
+def _seed_spec(cfg: _Config):
+    """The dropout seed ([1] int32), whole, in SMEM; None (no input) without dropout."""
+    return pl.BlockSpec(memory_space=pltpu.SMEM) if cfg.dropout_rate else None
+
+
+def _forward(q, k, v, tokens, seed, cfg: _Config):
     """Padded BHTD inputs -> o [B, H, Tq, Dv] (q.dtype), lse [B, H, Tq] (f32)."""
     b, h, tq, d = q.shape
     hkv, tk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -224,6 +250,7 @@ def _forward(q, k, v, tokens, cfg: _Config):
         pl.BlockSpec((None, None, bkv, d), kv_rows),
         pl.BlockSpec((None, None, bkv, dv), kv_rows),
         *_token_specs(cfg, q_rows, kv_rows),
+        _seed_spec(cfg),
     ]
     out_specs = [pl.BlockSpec((None, None, bq, dv), q_rows),
                  pl.BlockSpec((None, None, bq, NUM_LANES), q_rows)]
@@ -249,7 +276,7 @@ def _forward(q, k, v, tokens, cfg: _Config):
             cost_estimate=_cost(q, k, flops_per_pair=2 * (d + dv), arrays=(q, k, v, out_shape)),
             interpret=cfg.interpret,
             name=name,
-        )(tokens.q_bounds, tokens.kv_bounds, tokens.kv_range, q, k, v, *tokens.arrays)
+        )(tokens.q_bounds, tokens.kv_bounds, tokens.kv_range, q, k, v, *tokens.arrays, seed)
     return o, lse[..., 0]  # lse was repeated over the lanes
 
 
@@ -262,9 +289,15 @@ def _probabilities(q_ref, k_ref, lse_ref, tokens, cfg, *, q_block, kv_block):
     return jnp.exp(s - lse_ref[:, :1]), t
 
 
-def _logit_grad(p, do, v_ref, di_ref, t):
-    """dL/d(raw logit) of the tile: softmax backward, then through the soft cap."""
+def _logit_grad(p, do, v_ref, di_ref, t, keep=None, cfg=None):
+    """dL/d(raw logit) of the tile: softmax backward, then through the soft cap.
+
+    With dropout (`keep`) dp = (do v^T) * keep / (1 - rate); di = rowsum(o * do) - dlse
+    is unchanged, since o already holds the dropout.
+    """
     dp = lax.dot_general(do, v_ref[...], _NT, preferred_element_type=jnp.float32)
+    if keep is not None:
+        dp = _dropped(keep, dp, cfg)
     ds = p * (dp - di_ref[:, :1])  # [bq, bkv]
     if t is not None:  # d/ds [c * tanh(s / c)] = 1 - tanh^2
         ds = ds * (1.0 - t * t)
@@ -273,11 +306,11 @@ def _logit_grad(p, do, v_ref, di_ref, t):
 
 def _dq_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,
                q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
-               lse_ref, di_ref, do_ref,
+               lse_ref, di_ref, do_ref, seed_ref,
                dq_ref,
                dq_acc_ref,
                *, cfg: _Config, num_q: int, num_kv: int):
-    b, qi, kj = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, hi, qi, kj = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
     tokens = TokenRefs(q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref)
 
     @pl.when(kj == 0)
@@ -288,7 +321,9 @@ def _dq_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,
                          num_q=num_q, num_kv=num_kv))
     def _step():
         p, t = _probabilities(q_ref, k_ref, lse_ref, tokens, cfg, q_block=qi, kv_block=kj)
-        ds = _logit_grad(p, do_ref[...], v_ref, di_ref, t)
+        keep = (_dropout_keep(seed_ref, cfg, batch=b, head=hi, q_block=qi, kv_block=kj)
+                if cfg.dropout_rate else None)
+        ds = _logit_grad(p, do_ref[...], v_ref, di_ref, t, keep, cfg)
         k = k_ref[...]
         dq_acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
@@ -299,13 +334,14 @@ def _dq_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,
 
 def _dkv_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,
                 q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref,
-                lse_ref, di_ref, do_ref,
+                lse_ref, di_ref, do_ref, seed_ref,
                 dk_ref, dv_ref,
                 dk_acc_ref, dv_acc_ref,
                 *, cfg: _Config, num_q: int, num_kv: int, group: int):
     # Grid (batch, kv head, kv block, query head in group, q block): the last two axes
     # run sequentially and both sum into this kv block's dk, dv.
     b, kj, g, qi = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    head = pl.program_id(1) * group + g  # the query head, for the dropout mask
     tokens = TokenRefs(q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref)
 
     @pl.when((g == 0) & (qi == 0))
@@ -318,8 +354,12 @@ def _dkv_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,
     def _step():
         p, t = _probabilities(q_ref, k_ref, lse_ref, tokens, cfg, q_block=qi, kv_block=kj)
         do = do_ref[...]
-        dv_acc_ref[...] += jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
-        ds = _logit_grad(p, do, v_ref, di_ref, t)
+        keep = (_dropout_keep(seed_ref, cfg, batch=b, head=head, q_block=qi, kv_block=kj)
+                if cfg.dropout_rate else None)
+        p_drop = p if keep is None else _dropped(keep, p, cfg)
+        dv_acc_ref[...] += jnp.dot(p_drop.astype(do.dtype).T, do,
+                                   preferred_element_type=jnp.float32)
+        ds = _logit_grad(p, do, v_ref, di_ref, t, keep, cfg)
         q = q_ref[...]
         dk_acc_ref[...] += jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
 
@@ -329,7 +369,7 @@ def _dkv_kernel(q_bounds_ref, kv_bounds_ref, _range_ref,
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, tokens, lse, di, do, cfg: _Config):
+def _backward(q, k, v, tokens, lse, di, do, seed, cfg: _Config):
     """Padded BHTD residuals and cotangent -> dq, dk, dv.
 
     lse, di: [B, H, Tq] f32; di = rowsum(o * do) - dlse (the lse cotangent enters the
@@ -361,7 +401,8 @@ def _backward(q, k, v, tokens, lse, di, do, cfg: _Config):
                 *_token_specs(cfg, q_rows, kv_rows),
                 pl.BlockSpec((None, None, bq, NUM_LANES), q_rows),  # lse
                 pl.BlockSpec((None, None, bq, NUM_LANES), q_rows),  # di
-                pl.BlockSpec((None, None, bq, dv_dim), q_rows)]  # do
+                pl.BlockSpec((None, None, bq, dv_dim), q_rows),  # do
+                _seed_spec(cfg)]
 
     name = f"flash_attention_tpu_dq_bq{bq}_bkv{bkv}"
     with jax.named_scope(name):
@@ -381,7 +422,7 @@ def _backward(q, k, v, tokens, lse, di, do, cfg: _Config):
             interpret=cfg.interpret,
             name=name,
         )(tokens.q_bounds, tokens.kv_bounds, tokens.kv_range, q, k, v, *tokens.arrays,
-          *residuals)
+          *residuals, seed)
 
     # dk, dv: grid (batch, kv head, kv block, query head in group, q block).
     def q_head_rows(bi, hk, kj, g, qi, q_bounds, kv_bounds, q_range):  # q, lse, di, do
@@ -411,7 +452,7 @@ def _backward(q, k, v, tokens, lse, di, do, cfg: _Config):
             interpret=cfg.interpret,
             name=name,
         )(tokens.q_bounds, tokens.kv_bounds, tokens.q_range, q, k, v, *tokens.arrays,
-          *residuals)
+          *residuals, seed)
     return dq, dk, dv
 
 
@@ -447,28 +488,32 @@ def _tokens(raw, cfg: _Config, tq_pad: int, tk_pad: int) -> _Tokens:
                 tpu_mask.as_key_row(kv_seg, tk_pad) if mask.has_segments else None))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, raw_tokens, fwd_cfg: _Config, bwd_cfg: _Config):
-    """BHTD, sequences padded to whole blocks of both configs -> (o, lse)."""
-    return _attention_fwd(q, k, v, raw_tokens, fwd_cfg, bwd_cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, raw_tokens, seed, fwd_cfg: _Config, bwd_cfg: _Config):
+    """BHTD, sequences padded to whole blocks of both configs -> (o, lse).
+
+    `seed`: the dropout seed, [1] int32 (None without dropout); the backward regenerates
+    the forward's mask from it.
+    """
+    return _attention_fwd(q, k, v, raw_tokens, seed, fwd_cfg, bwd_cfg)[0]
 
 
-def _attention_fwd(q, k, v, raw_tokens, fwd_cfg, bwd_cfg):
+def _attention_fwd(q, k, v, raw_tokens, seed, fwd_cfg, bwd_cfg):
     tq, tk = q.shape[2], k.shape[2]
     tokens = _tokens(raw_tokens, fwd_cfg, tq, tk)
-    o, lse = _forward(q, k, v, tokens, fwd_cfg)
-    return (o, lse), (q, k, v, raw_tokens, o, lse)
+    o, lse = _forward(q, k, v, tokens, seed, fwd_cfg)
+    return (o, lse), (q, k, v, raw_tokens, seed, o, lse)
 
 
 def _attention_bwd(fwd_cfg, bwd_cfg, residuals, cotangents):
     del fwd_cfg
-    q, k, v, raw_tokens, o, lse = residuals
+    q, k, v, raw_tokens, seed, o, lse = residuals
     do, dlse = cotangents
     di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1) - dlse  # [B,H,Tq]
     tq, tk = q.shape[2], k.shape[2]
     tokens = _tokens(raw_tokens, bwd_cfg, tq, tk)
-    dq, dk, dv = _backward(q, k, v, tokens, lse, di, do.astype(q.dtype), bwd_cfg)
-    return dq, dk, dv, None
+    dq, dk, dv = _backward(q, k, v, tokens, lse, di, do.astype(q.dtype), seed, bwd_cfg)
+    return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -514,15 +559,19 @@ def _check_tpu_tiling(blocks: BlockSizes, q, tq_pad: int, tk_pad: int):
 def flash_attention_with_lse(q, k, v, *, causal: bool = False, sliding_window: int | None = None,
                              segment_ids=None, q_positions=None, kv_positions=None,
                              logit_soft_cap: float | None = None, sm_scale: float | None = None,
-                             sinks=None, block_sizes: BlockSizes | None = None, interpret=None):
+                             sinks=None, dropout_rate: float = 0.0, dropout_seed=None,
+                             block_sizes: BlockSizes | None = None, interpret=None):
     """Attention output [B, Tq, H, Dv] and its log-sum-exp [B, H, Tq] (f32, -inf on empty rows).
 
     Both outputs are differentiable, so partial results can be merged by their
     log-sum-exp (ring attention) under `jax.grad`. Arguments as in
-    `reference.mha_reference`; `interpret=None` picks interpret mode off TPU.
+    `reference.mha_reference` (the lse is the undropped softmax's); `interpret=None`
+    picks interpret mode off TPU.
     """
     validate_attention_inputs(q, k, v, segment_ids, q_positions, kv_positions, sliding_window,
                               sinks, "pallas_tpu")
+    dropout_rate = dropout.check_dropout(dropout_rate, dropout_seed,
+                                         where="tpu.flash_attention_with_lse")
     _check_kernel_inputs(q, segment_ids, q_positions, kv_positions, logit_soft_cap, sm_scale,
                          block_sizes)
     b, tq, h, d = q.shape
@@ -541,14 +590,18 @@ def flash_attention_with_lse(q, k, v, *, causal: bool = False, sliding_window: i
                     q_offset=tk - tq, kv_len=tk, kv_padded_len=tk_pad)
     cfg = _Config(mask=mask, sm_scale=float(d**-0.5 if sm_scale is None else sm_scale),
                   logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
-                  block_q=blocks.block_q, block_kv=blocks.block_kv, interpret=interpret)
+                  block_q=blocks.block_q, block_kv=blocks.block_kv, interpret=interpret,
+                  dropout_rate=dropout_rate)
     bwd_cfg = cfg.with_blocks(blocks.block_q_bwd, blocks.block_kv_bwd)
-    return _flash_bthd(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sinks,
+    # The seed as a [1] int32 holding the uint32 bits keep_mask reads (None: no dropout).
+    seed = (lax.bitcast_convert_type(dropout.seed_u32(dropout_seed), jnp.int32).reshape(1)
+            if dropout_rate else None)
+    return _flash_bthd(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sinks, seed,
                        cfg, bwd_cfg, tq_pad, tk_pad)
 
 
-@functools.partial(jax.jit, static_argnums=(8, 9, 10, 11))
-def _flash_bthd(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sinks,
+@functools.partial(jax.jit, static_argnums=(9, 10, 11, 12))
+def _flash_bthd(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sinks, seed,
                 cfg, bwd_cfg, tq_pad, tk_pad):
     """BTHD in and out; in between BHTD padded to whole blocks, through the custom_vjp."""
     b, tq, h, _ = q.shape
@@ -564,7 +617,7 @@ def _flash_bthd(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sinks,
         return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
 
     o, lse = _attention(to_bhtd(q, tq_pad), to_bhtd(k, tk_pad), to_bhtd(v, tk_pad),
-                        raw_tokens, cfg, bwd_cfg)
+                        raw_tokens, seed, cfg, bwd_cfg)
     o = jnp.swapaxes(o[:, :, :tq], 1, 2)  # [B, Tq, H, Dv]
     lse = lse[:, :, :tq]  # [B, H, Tq]
     if sinks is not None:
@@ -581,12 +634,14 @@ def _flash_bthd(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sinks,
 def flash_attention_tpu(q, k, v, *, causal: bool = False, sliding_window: int | None = None,
                         segment_ids=None, q_positions=None, kv_positions=None,
                         logit_soft_cap: float | None = None, sm_scale: float | None = None,
-                        sinks=None, block_sizes: BlockSizes | None = None, interpret=None):
+                        sinks=None, dropout_rate: float = 0.0, dropout_seed=None,
+                        block_sizes: BlockSizes | None = None, interpret=None):
     """Attention output [B, Tq, H, Dv]; the `pallas_tpu` backend of `api.flash_attention`."""
     o, _ = flash_attention_with_lse(
         q, k, v, causal=causal, sliding_window=sliding_window, segment_ids=segment_ids,
         q_positions=q_positions, kv_positions=kv_positions, logit_soft_cap=logit_soft_cap,
-        sm_scale=sm_scale, sinks=sinks, block_sizes=block_sizes, interpret=interpret)
+        sm_scale=sm_scale, sinks=sinks, dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+        block_sizes=block_sizes, interpret=interpret)
     return o
 
 
