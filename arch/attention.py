@@ -22,6 +22,7 @@ from flax import nnx
 
 import pallas_kernels
 from arch.common import Linear, check_choice, dtype_of, zeros_param
+from arch.dropout import make_attention_dropout
 from arch.norms import RMSNorm
 from arch.positional import POSITION_EMBEDDINGS, RoPE, rotary_dim
 from pallas_kernels.flash_attention import IMPLS
@@ -95,6 +96,7 @@ class Attention(nnx.Module):
         self.sinks = zeros_param((h,), ("heads",)) if cfg.attention_sinks else None
         use_rope = cfg.position_embedding == "rope" and layer_kind != "nope" and not cross
         self.rope = RoPE(cfg, rotary_dim(dh, cfg.rope_fraction), local=layer_kind == "local") if use_rope else None
+        self.attn_dropout = make_attention_dropout(cfg, rngs)  # on the probabilities, in the kernel
 
     def _norm_heads(self, norm, x):
         if norm is None:
@@ -137,10 +139,11 @@ class Attention(nnx.Module):
         if not self.cross and sequence_parallel.attention_impl(impl) == "ring":
             # Context parallelism: tokens may sit in striped order, so masks use true positions.
             impl, pos = "ring", dict(q_positions=positions, kv_positions=positions)
+        drop = {} if self.attn_dropout is None else self.attn_dropout.kernel_args()
         o = pallas_kernels.attention(
             q, k, v, causal=causal, sliding_window=window, segment_ids=seg,
             logit_soft_cap=cfg.logit_soft_cap, sm_scale=sm_scale,
-            sinks=sinks, impl=impl, **pos)
+            sinks=sinks, impl=impl, **pos, **drop)
         if cfg.track_max_logits:
             aux["max_logits"] = max_logits_reference(
                 q, k, causal=causal, sliding_window=window, segment_ids=seg, sm_scale=sm_scale, **pos)

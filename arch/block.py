@@ -11,6 +11,7 @@ from flax import nnx
 
 from arch.attention import Attention, layer_kind
 from arch.common import check_choice
+from arch.dropout import make_dropout, residual_rate
 from arch.mlp import MLP
 from arch.norms import PLACEMENTS, make_norm
 
@@ -49,17 +50,22 @@ class Block(nnx.Module):
         self.post_mlp_norm = make_norm(cfg) if p in ("sandwich", "olmo2") else None
         self.cross_attn = Attention(cfg, rngs=rngs, layer_kind="global", cross=True) if cross_attention else None
         self.cross_norm = make_norm(cfg) if cross_attention else None
+        # GPT-2's resid_pdrop: on each branch output before it joins the residual stream.
+        self.resid_dropout = make_dropout(residual_rate(cfg), rngs)
+
+    def _drop(self, y):
+        return y if self.resid_dropout is None else self.resid_dropout(y)
 
     def _residual(self, x, branch, in_norm, out_norm):
         """Apply one residual sub-layer with this block's norm placement."""
         if self.placement == "post":
             y, aux = branch(x)
-            return in_norm(x + y), aux
+            return in_norm(x + self._drop(y)), aux
         h = in_norm(x) if in_norm is not None else x
         y, aux = branch(h)
         if out_norm is not None:
             y = out_norm(y)
-        return x + y, aux
+        return x + self._drop(y), aux
 
     def __call__(self, x, *, positions, segment_ids=None, cache=None,
                  encoder_out=None, encoder_segment_ids=None):

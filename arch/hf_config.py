@@ -371,7 +371,7 @@ def from_hf(hf: dict, dtype: str = "float32") -> mlc.ConfigDict:
 
 # Fields that do not change the forward pass, or that config.json does not carry.
 _NOT_ARCHITECTURE = {"family", "dtype", "param_dtype", "attention_impl", "scan_layers", "remat",
-                     "track_max_logits", "init_std", "dropout", "moe.aux_loss_coef", "moe.z_loss_coef",
+                     "track_max_logits", "init_std", "dropout", "attention_dropout", "moe.aux_loss_coef", "moe.z_loss_coef",
                      "moe.bias_update_rate", "moe.dispatch", "moe.capacity_factor",
                      "moe.aux_loss_granularity"}
 

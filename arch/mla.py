@@ -61,6 +61,7 @@ from flax import nnx
 
 import pallas_kernels
 from arch.common import Linear, check_choice, dtype_of
+from arch.dropout import make_attention_dropout
 from arch.norms import RMSNorm
 from arch.positional import RoPE, yarn_mscale
 from pallas_kernels.flash_attention.reference import max_logits_reference
@@ -182,6 +183,7 @@ def mla_attention(
     logit_soft_cap=None,
     impl: str = "auto",
     return_max_logits: bool = False,
+    dropout: dict | None = None,
 ):
     """Attention from the MLA query parts and the latent KV, in either form.
 
@@ -207,7 +209,8 @@ def mla_attention(
     )
     # sm_scale is passed explicitly: the absorbed head dim C+rope is not the model's qk dim.
     o = pallas_kernels.attention(
-        q, k, v, logit_soft_cap=logit_soft_cap, sm_scale=sm_scale, impl=impl, **mask_kw
+        q, k, v, logit_soft_cap=logit_soft_cap, sm_scale=sm_scale, impl=impl, **mask_kw,
+        **(dropout or {}),
     )
     if absorb:
         o = jnp.einsum("bthc,chv->bthv", o, w_uv)  # [B, T, H, v]
@@ -255,6 +258,7 @@ class MLAttention(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
         self.rope = RoPE(cfg, self.rope_dim, local=layer_kind == "local")
         self.sm_scale = mla_softmax_scale(self.qk_head_dim, cfg.rope_scaling)
+        self.attn_dropout = make_attention_dropout(cfg, rngs)  # on the probabilities, in the kernel
 
         h, d = self.heads, self.d_model
         kw = dict(
@@ -380,6 +384,7 @@ class MLAttention(nnx.Module):
             logit_soft_cap=self.logit_soft_cap,
             impl=self.impl,
             return_max_logits=self.track_max_logits and cache is None,
+            dropout=None if self.attn_dropout is None else self.attn_dropout.kernel_args(),
             **mask_kw,
         )
         y = self.wo(o)  # [B, T, D]

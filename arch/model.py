@@ -31,6 +31,7 @@ from flax import nnx
 from arch.attention import layer_kind
 from arch.block import Block, is_moe_layer
 from arch.common import Linear, check_choice, dtype_of, logical_param
+from arch.dropout import check_dropout_config, make_dropout, residual_rate
 from arch.norms import make_norm
 from arch.positional import LearnedPositions, SinusoidalPositions
 
@@ -45,6 +46,7 @@ _REMAT_POLICIES = {
 def validate_model_config(cfg) -> None:
     check_choice("model.kind", cfg.kind, KINDS)
     check_choice("model.remat", cfg.remat, REMAT)
+    check_dropout_config(cfg)
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_seq_len"):
         value = cfg[field]
         if not isinstance(value, int) or value < 1:
@@ -169,6 +171,7 @@ class Transformer(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
         self.embed = Embedding(cfg.vocab_size, cfg.d_model, rngs=rngs, std=cfg.init_std)
         self.pos_embed = _positions_embedding(cfg, rngs)
+        self.embed_dropout = make_dropout(residual_rate(cfg), rngs)  # GPT-2's embd_pdrop
         self.stack = LayerStack(cfg, cfg.num_layers, rngs=rngs)
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
         self.lm_head = None if cfg.tie_embeddings else Linear(
@@ -181,7 +184,7 @@ class Transformer(nnx.Module):
             x = x * jnp.asarray(math.sqrt(self.cfg.d_model), self.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions).astype(self.dtype)
-        return x
+        return x if self.embed_dropout is None else self.embed_dropout(x)
 
     def head(self, x):
         if self.final_norm is not None:

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arch.dropout import with_dropout
 from pallas_kernels.paged_attention.cascade import find_shared_prefix
 from serving.cache import PagedKV, init_cache, reset_rows
 from serving.paged import BlockTables, PagePool, PoolExhausted, copy_pages
@@ -241,7 +242,8 @@ class Engine:
         if cache_kind == "paged":  # keep the pools; block tables come from the host per call
             self.max_pages = self.cache[0].page_table.shape[1]
             self.cache = tuple((c.k_pages, c.v_pages) for c in self.cache)
-        self.graphdef, state = nnx.split(model)
+        # Serving never drops: a view with every dropout off, whatever the model's mode.
+        self.graphdef, state = nnx.split(with_dropout(model, False))
         self.state = serving_params(state, cfg.dtype)
         self._generate = _compiled(self.graphdef)
         self.tables = self.radix = None

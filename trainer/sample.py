@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arch.dropout import with_dropout
+
 
 @nnx.jit
 def _logits_at(model, tokens, index):
-    logits, _ = model(tokens)                     # [1, L, V]
+    logits, _ = with_dropout(model, False)(tokens)  # [1, L, V]; sampling never drops
     return jax.lax.dynamic_index_in_dim(logits[0], index, axis=0, keepdims=False)  # [V]
 
 

@@ -14,6 +14,11 @@ ce and z_loss is the big batch's, exactly (up to f32 summation order). The MoE t
 are batch statistics (load fractions), not sums over tokens; they are averaged over
 microbatches, as Megatron and MaxText do.
 
+Dropout (arch/dropout.py) is on in `train_step` only: it runs a view of the model with
+dropout on, threads the dropout RNG streams through the microbatches and writes their
+advanced counts back into the model, so the next step (or a resumed run) draws fresh
+masks. `eval_step` runs with dropout off, whatever mode the model is in.
+
 After the optimizer update, inside the same compiled step:
   QK-Clip (optim.qk_clip) when `optim.qk_clip_tau` is set, from the batch's max logits;
   the aux-loss-free router-bias update (arch.moe) when `moe.bias_update_rate > 0`.
@@ -32,6 +37,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from arch.dropout import with_dropout
 from arch.moe import update_router_biases
 from optim import qk_clip
 
@@ -113,15 +119,17 @@ def train_step(model, optimizer, batch: dict, *, opts: StepOptions) -> dict[str,
     Returns f32 scalars: loss (total), ce, z_loss, moe_aux_loss, moe_z_loss, grad_norm,
     tokens (counted tokens), and max_logit when the model reports max attention logits.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rngs, rest = nnx.split(with_dropout(model, True), nnx.Param,
+                                             nnx.RngState, ...)
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     accum = opts.grad_accum
 
-    def loss_fn(p, r, mb):
+    def loss_fn(p, rng, r, mb):
         # Merge into fresh Variables (copy=True): reusing the outer ones (e.g. the MoE
         # router biases, traced by jit, not by grad) makes nnx.scan refuse a module whose
         # variables come from different trace levels.
-        logits, aux = forward(nnx.merge(graphdef, p, r, copy=True), mb)
+        m = nnx.merge(graphdef, p, rng, r, copy=True)
+        logits, aux = forward(m, mb)
         s = token_loss_sums(logits, mb["targets"], mb["loss_mask"])
         moe = (aux["moe_aux_loss"] + aux["moe_z_loss"]) / accum
         loss = (s["ce_sum"] + opts.z_loss * s["z_sum"]) / n_tokens + moe
@@ -132,28 +140,29 @@ def train_step(model, optimizer, batch: dict, *, opts: StepOptions) -> dict[str,
         loads = _expert_loads(aux["layers"])
         if loads is not None:
             out["expert_load"] = loads
-        return loss, out
+        return loss, (out, nnx.state(m, nnx.RngState))  # the streams, advanced by dropout
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum == 1:
-        (loss, stats), grads = grad_fn(params, rest, batch)
+        (loss, (stats, rngs)), grads = grad_fn(params, rngs, rest, batch)
     else:
         micro = split_microbatches(batch, accum)
 
         def body(carry, mb):
-            (l, s), g = grad_fn(params, rest, mb)
-            lc, sc, gc = carry
+            lc, sc, gc, rng = carry
+            (l, (s, rng)), g = grad_fn(params, rng, rest, mb)
             merged = {k: jnp.maximum(sc[k], s[k]) if k == "max_logits" else sc[k] + s[k] for k in s}
-            return (lc + l, merged, jax.tree.map(jnp.add, gc, g)), None
+            return (lc + l, merged, jax.tree.map(jnp.add, gc, g), rng), None
 
         # Zero carry shaped like one microbatch's output (max_logits starts at -inf).
-        shapes = jax.eval_shape(grad_fn, params, rest, jax.tree.map(lambda x: x[0], micro))
-        (_, stats0), grads0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        shapes = jax.eval_shape(grad_fn, params, rngs, rest, jax.tree.map(lambda x: x[0], micro))
+        (_, (stats0, _)), grads0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         if "max_logits" in stats0:
             stats0["max_logits"] = jnp.full_like(stats0["max_logits"], -jnp.inf)
-        init = (jnp.zeros((), jnp.float32), stats0, grads0)
-        (loss, stats, grads), _ = jax.lax.scan(body, init, micro)
+        init = (jnp.zeros((), jnp.float32), stats0, grads0, rngs)
+        (loss, stats, grads, rngs), _ = jax.lax.scan(body, init, micro)
 
+    nnx.update(model, rngs)
     optimizer.update(model, grads)
     if opts.qk_clip_tau is not None:
         new = qk_clip(nnx.state(model, nnx.Param), stats["max_logits"], tau=opts.qk_clip_tau,
@@ -172,6 +181,6 @@ def train_step(model, optimizer, batch: dict, *, opts: StepOptions) -> dict[str,
 @nnx.jit
 def eval_step(model, batch: dict) -> dict[str, jax.Array]:
     """Masked sums over one batch: ce_sum (nats) and tokens, to be summed over batches."""
-    logits, _ = forward(model, batch)
+    logits, _ = forward(with_dropout(model, False), batch)
     s = token_loss_sums(logits, batch["targets"], batch["loss_mask"])
     return {"ce_sum": s["ce_sum"], "tokens": s["tokens"]}
