@@ -8,9 +8,38 @@ what differs. Every field has one default and one comment here.
 """
 from __future__ import annotations
 
+import functools
+
 import ml_collections as mlc
 
 VARIANTS = ("tiny", "small", "full")
+
+
+# Typed placeholders: a field whose default is None still has a type, so that
+# `--config.model.sliding_window=4096` parses on the command line.
+def _int():
+    return mlc.config_dict.placeholder(int)
+
+
+def _float():
+    return mlc.config_dict.placeholder(float)
+
+
+def _str():
+    return mlc.config_dict.placeholder(str)
+
+
+def locked(get_config):
+    """Decorator of a family's `get_config`: the returned config is locked, so a mistyped
+    key (`--config.optim.lrr=...`, or `cfg.optim.lrr = ...` in Python) is an error that
+    names the nearest field instead of a new field that nothing reads. Existing fields
+    stay settable; `with cfg.unlocked():` adds new ones on purpose."""
+    @functools.wraps(get_config)
+    def wrapper(*args, **kwargs):
+        c = get_config(*args, **kwargs)
+        c.lock()
+        return c
+    return wrapper
 
 
 def parse_arg(arg: str | None) -> tuple[str, dict]:
@@ -65,19 +94,19 @@ def model_defaults() -> mlc.ConfigDict:
     m.attn_out_bias = False          # bias on the output projection (GPT-2)
     m.qk_norm = False                # RMSNorm on per-head q and k (OLMo 2, Qwen 3, Gemma 3)
     m.qk_norm_per_head = True        # False: OLMo 2 style norm over all heads jointly
-    m.logit_soft_cap = None          # Gemma 2 attention logit soft-cap
-    m.final_logit_soft_cap = None    # Gemma 2 output logit soft-cap
+    m.logit_soft_cap = _float()      # Gemma 2 attention logit soft-cap
+    m.final_logit_soft_cap = _float()  # Gemma 2 output logit soft-cap
     m.attention_sinks = False        # learned per-head sink logit in the softmax denominator
-    m.query_pre_attn_scalar = None   # softmax scale 1/sqrt(this) instead of 1/sqrt(head_dim)
-    m.sliding_window = None          # window for "local" layers (tokens seen incl. self)
-    m.chunk_size = None              # window for "chunked" layers (Llama 4 chunked attention)
+    m.query_pre_attn_scalar = _float()  # softmax scale 1/sqrt(this) instead of 1/sqrt(head_dim)
+    m.sliding_window = _int()        # window for "local" layers (tokens seen incl. self)
+    m.chunk_size = _int()            # window for "chunked" layers (Llama 4 chunked attention)
     # Per-layer attention kinds, repeated to num_layers: "global", "local" (sliding
     # window), "nope" (global, no RoPE: SmolLM 3, Llama 4), "chunked". Gemma 3: 5 local : 1 global.
     m.layer_pattern = ("global",)
     # Positions.
     m.position_embedding = "rope"    # rope | learned | sinusoidal | none
     m.rope_theta = 10000.0
-    m.rope_local_theta = None        # Gemma 3: local layers use a different base (10k)
+    m.rope_local_theta = _float()    # Gemma 3: local layers use a different base (10k)
     m.rope_fraction = 1.0            # partial rotary: rotate this fraction of head_dim
     m.rope_interleaved = False       # False: rotate-half (Llama/HF); True: GPT-J pairs
     m.rope_scaling = None            # None or dict(type=linear|ntk|dynamic_ntk|yarn|llama3, ...)
@@ -95,17 +124,22 @@ def model_defaults() -> mlc.ConfigDict:
     m.remat = "none"                 # none | full | dots_saveable
     m.track_max_logits = False       # report per-head max attention logits (QK-Clip)
     m.init_std = 0.02
+    # Dropout (arch/dropout.py), only in the training step: on the embeddings and on each
+    # residual branch's output (GPT-2's embd/resid_pdrop); attention_dropout on the
+    # softmax probabilities, inside the kernel (None: the same as dropout).
     m.dropout = 0.0
+    m.attention_dropout = _float()
     return m
 
 
 def mla_defaults() -> mlc.ConfigDict:
     return mlc.ConfigDict(dict(
-        q_lora_rank=None,            # None: full-rank query projection (DeepSeek-V2-Lite)
+        q_lora_rank=_int(),          # None: full-rank query projection (DeepSeek-V2-Lite)
         kv_lora_rank=32,             # compressed KV width (the cached latent)
         qk_nope_head_dim=16,         # per-head q/k width without RoPE
         qk_rope_head_dim=8,          # decoupled RoPE width; the key part is shared by heads
         v_head_dim=16,               # per-head value width
+        absorb=False,                # True: absorbed attention in training too (arch/mla.py)
     ))
 
 
@@ -115,7 +149,7 @@ def moe_defaults() -> mlc.ConfigDict:
         top_k=2,                     # experts per token
         expert_mlp_dim=64,           # hidden width of each routed expert
         num_shared_experts=0,        # always-on experts (DeepSeek), width shared_mlp_dim each
-        shared_mlp_dim=None,         # None: expert_mlp_dim
+        shared_mlp_dim=_int(),       # None: expert_mlp_dim
         score_func="softmax",        # softmax | sigmoid (DeepSeek-V3)
         norm_topk_prob=True,         # renormalise the top-k weights to sum to 1
         routed_scaling_factor=1.0,   # multiply routed output (DeepSeek-V3: 2.5)
@@ -125,11 +159,11 @@ def moe_defaults() -> mlc.ConfigDict:
         aux_loss_granularity="batch",  # batch | sequence (DeepSeek-V3's sequence-wise loss)
         z_loss_coef=0.0,             # router z-loss coefficient
         bias_update_rate=0.0,        # aux-loss-free balancing rate u (0 = off)
-        capacity_factor=None,        # None: dropless; float: token dropping at capacity
+        capacity_factor=_float(),    # None: dropless; float: token dropping at capacity
         dispatch="dropless",         # dropless (sort + ragged_dot) | capacity | dense (reference)
         first_k_dense=0,             # first k layers use a dense MLP (DeepSeek-V3: 3)
         every=1,                     # MoE every n-th layer, others dense (Llama 4 Maverick: 2)
-        dense_mlp_dim=None,          # hidden width of the dense layers (None: model.mlp_dim)
+        dense_mlp_dim=_int(),        # hidden width of the dense layers (None: model.mlp_dim)
     ))
 
 
@@ -140,7 +174,7 @@ def get_base_config() -> mlc.ConfigDict:
     # Data.
     c.data = mlc.ConfigDict(dict(
         source="stdlib",             # stdlib (embedded corpus) | path to a file, dir, glob or .bin
-        val_source=None,             # separate validation source; None: split off the source
+        val_source=_str(),           # separate validation source; None: split off the source
         val_fraction=0.05,           # share of documents for validation when split
         tokenizer="byte",            # byte | path to a tokenizer.json
         seq_len=128,
@@ -161,9 +195,13 @@ def get_base_config() -> mlc.ConfigDict:
         grad_clip=1.0,
         muon_momentum=0.95,
         muon_nesterov=True,
+        muon_lr=_float(),            # Muon's own peak lr (None: optim.lr); same schedule
+        muon_ns_steps=5,             # Newton-Schulz iterations of the orthogonalisation
+        muon_per_head=False,         # orthogonalise q/k/v/o per head, not per whole matrix
+        moonlight_rms=0.2,           # moonlight: update RMS matched to AdamW's (Liu et al. 2025)
         # MuonClip threshold (Kimi K2: 100); None = off. A typed None, so that
         # --config.optim.qk_clip_tau=100 works on the command line.
-        qk_clip_tau=mlc.config_dict.placeholder(float),
+        qk_clip_tau=_float(),
     ))
     # Training.
     c.train = mlc.ConfigDict(dict(
@@ -178,6 +216,9 @@ def get_base_config() -> mlc.ConfigDict:
         sample_tokens=64,
         sample_prompt="def ",
         sample_temperature=0.8,      # 0: greedy; else softmax(logits / temperature)
+        # Start from the weights of another train.py workdir's newest checkpoint (a new
+        # run: step 0, fresh optimizer and data); its model fields must match.
+        init_from=_str(),
     ))
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1))
     return c

@@ -6,9 +6,10 @@ post-LayerNorm, learned positions, GELU, biases. (No token-type embeddings or po
 train.py trains next-token prediction, so it refuses this config (kind='encoder'); there
 is no masked-LM objective yet.
 """
-from configs.base import get_base_config, parse_arg, tiny_training
+from configs.base import get_base_config, locked, parse_arg, tiny_training
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, _ = parse_arg(arg)
     c = get_base_config()

@@ -5,9 +5,17 @@ layers dense, auxiliary-loss-free balancing by a per-expert bias, YaRN to 128k.
 
     python train.py --config=configs/deepseek_v3.py:tiny --workdir=runs/dsv3
 """
-from configs.base import get_base_config, mla_defaults, moe_defaults, parse_arg, tiny_training
+from configs.base import (
+    get_base_config,
+    locked,
+    mla_defaults,
+    moe_defaults,
+    parse_arg,
+    tiny_training,
+)
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, _ = parse_arg(arg)
     c = get_base_config()

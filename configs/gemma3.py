@@ -4,9 +4,10 @@ embeddings scaled by sqrt(d) and tied to the output head.
 
     python train.py --config=configs/gemma3.py:tiny --workdir=runs/gemma3
 """
-from configs.base import get_base_config, parse_arg, tiny_training
+from configs.base import get_base_config, locked, parse_arg, tiny_training
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, _ = parse_arg(arg)
     c = get_base_config()

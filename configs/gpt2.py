@@ -4,12 +4,13 @@ biases, GELU (tanh), tied embeddings — the model nanoGPT reproduces.
     python train.py --config=configs/gpt2.py:tiny --workdir=runs/gpt2
     arg: tiny|small|full, size=124m|350m|774m|1.5b|1.3b (1.3b: 24 layers, d 2048, 16 heads)
 """
-from configs.base import get_base_config, parse_arg, tiny_training
+from configs.base import get_base_config, locked, parse_arg, tiny_training
 
 SIZES = {"124m": (12, 768, 12), "350m": (24, 1024, 16), "774m": (36, 1280, 20),
          "1.5b": (48, 1600, 25), "1.3b": (24, 2048, 16)}
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, opts = parse_arg(arg)
     c = get_base_config()

@@ -5,9 +5,10 @@ About 1.04T total / 32B active parameters.
     python train.py --config=configs/kimi_k2.py:tiny --workdir=runs/k2
 """
 from configs import deepseek_v3
-from configs.base import parse_arg
+from configs.base import locked, parse_arg
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, _ = parse_arg(arg)
     c = deepseek_v3.get_config(arg)

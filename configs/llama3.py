@@ -7,7 +7,7 @@ arg: tiny | small | full, optionally ",size=8b|70b|405b" for full (default 8b).
 """
 from __future__ import annotations
 
-from configs.base import get_base_config, parse_arg
+from configs.base import get_base_config, locked, parse_arg
 
 SIZES = {  # layers, d_model, heads, kv_heads, mlp_dim (Table 3 of the paper)
     "8b": (32, 4096, 32, 8, 14336),
@@ -16,6 +16,7 @@ SIZES = {  # layers, d_model, heads, kv_heads, mlp_dim (Table 3 of the paper)
 }
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, opts = parse_arg(arg)
     c = get_base_config()

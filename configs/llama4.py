@@ -9,9 +9,10 @@ Maverick: 128 experts in every second layer (400B / 17B active).
 Not modelled: the weight-free L2 QK-norm of the RoPE layers (a learned RMSNorm would add
 weights) and the attention temperature tuning of NoPE layers at long context.
 """
-from configs.base import get_base_config, moe_defaults, parse_arg, tiny_training
+from configs.base import get_base_config, locked, moe_defaults, parse_arg, tiny_training
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, opts = parse_arg(arg)
     size = opts.get("size", "scout")

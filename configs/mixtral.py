@@ -2,9 +2,10 @@
 
     python train.py --config=configs/mixtral.py:tiny --workdir=runs/mixtral
 """
-from configs.base import get_base_config, moe_defaults, parse_arg, tiny_training
+from configs.base import get_base_config, locked, moe_defaults, parse_arg, tiny_training
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, _ = parse_arg(arg)
     c = get_base_config()

@@ -3,9 +3,10 @@ norm), QK-norm over all heads jointly, MHA, SwiGLU.
 
     python train.py --config=configs/olmo2.py:tiny --workdir=runs/olmo2
 """
-from configs.base import get_base_config, parse_arg, tiny_training
+from configs.base import get_base_config, locked, parse_arg, tiny_training
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, _ = parse_arg(arg)
     c = get_base_config()

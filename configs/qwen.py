@@ -7,9 +7,10 @@ Qwen 2.5 32B: 64 layers, d 5120, GQA 40:8, SwiGLU 27648, bias on q/k/v.
 Qwen 3 32B: 64 layers, d 5120, GQA 64:8, SwiGLU 25600, QK-norm, no bias.
 Qwen3-30B-A3B: 48 layers, d 2048, GQA 32:4, 128 experts top-8 of width 768.
 """
-from configs.base import get_base_config, moe_defaults, parse_arg, tiny_training
+from configs.base import get_base_config, locked, moe_defaults, parse_arg, tiny_training
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, opts = parse_arg(arg)
     version = str(opts.get("version", "3"))

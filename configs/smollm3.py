@@ -3,9 +3,10 @@
 
     python train.py --config=configs/smollm3.py:tiny --workdir=runs/smollm3
 """
-from configs.base import get_base_config, parse_arg, tiny_training
+from configs.base import get_base_config, locked, parse_arg, tiny_training
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, _ = parse_arg(arg)
     c = get_base_config()

@@ -4,9 +4,10 @@ here instead of T5's bucketed relative bias.
 
     model(decoder_tokens, encoder_tokens=source_tokens)
 """
-from configs.base import get_base_config, parse_arg, tiny_training
+from configs.base import get_base_config, locked, parse_arg, tiny_training
 
 
+@locked
 def get_config(arg: str = "tiny"):
     variant, _ = parse_arg(arg)
     c = get_base_config()
