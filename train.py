@@ -12,12 +12,15 @@ What lands in the workdir:
     checkpoints/<step>/   orbax checkpoints (keep train.keep_checkpoints; see trainer/checkpoint.py)
     metrics.jsonl         one JSON record per log / eval (trainer/metrics.py)
     loss.png              train and validation loss (if matplotlib is installed)
-    config.json           the config of the latest run
+    config.json           the run's config (trainer/workdir.py: a resume may change only
+                          what does not touch the checkpoints or the data stream)
     tensorboard/          event files (if tensorboardX is installed)
 
 Everything is checked before anything is computed or written: a bad config raises
 ValueError naming the field, and the workdir is left as it was. Running again with
-the same workdir resumes. SIGTERM or Ctrl-C stops at the next step boundary with a
+the same workdir resumes; a config that does not fit the workdir's checkpoints is
+refused (use a new workdir, optionally with train.init_from=OLD_WORKDIR). A
+non-finite loss stops the run before it saves anything past the last good checkpoint. SIGTERM or Ctrl-C stops at the next step boundary with a
 checkpoint. From Python (a notebook):
 
     from configs.llama3 import get_config
@@ -41,14 +44,15 @@ import arch
 import data
 import optim
 import sharding
-from trainer.checkpoint import Checkpointer, abstract_like, train_state
-from trainer.config import ConfigError, check_config
+from trainer.checkpoint import Checkpointer, abstract_like, init_from, train_state
+from trainer.config import ConfigError, check_config, check_data
 from trainer.mesh import device_batch, setup
 from trainer.metrics import MetricsWriter, plot_losses, read_metrics
 from trainer.mfu import flops_per_token, format_mfu, mfu
 from trainer.sample import generate
 from trainer.signals import StopOnSignal
 from trainer.step import StepOptions, eval_step, train_step
+from trainer.workdir import CONFIG_FILE, check_workdir, checkpoint_steps
 
 
 def evaluate(model, ds, mesh, rules, num_batches: int) -> dict:
@@ -64,11 +68,23 @@ def evaluate(model, ds, mesh, rules, num_batches: int) -> dict:
             "bits_per_byte": ds.bits_per_byte(loss), "tokens": tokens}
 
 
-def load_and_check(config):
-    """Every check, then the data; ConfigError (a ValueError) before anything is computed."""
+def dropout_key(seed: int):
+    """The dropout stream's key: XLA's RngBitGenerator ("unsafe_rbg") rather than the
+    default threefry, whose counter hashing dominated small models' steps on a GPU;
+    deterministic and checkpointed all the same."""
+    return jax.random.key(seed, impl="unsafe_rbg")
+
+
+def load_and_check(config, workdir: str | None = None):
+    """Every check, then the data, then the workdir's own config (trainer/workdir.py);
+    ConfigError (a ValueError) before anything is computed or written."""
     try:
         check_config(config)
-        return data.build_dataset(config.data)
+        ds = data.build_dataset(config.data)
+        check_data(config, ds)
+        if workdir is not None:
+            check_workdir(config, workdir)
+        return ds
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -90,9 +106,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
       tokens_per_s, mfu (None where the device peak is unknown).
     """
     cfg, t = config, config.train
-    ds = load_and_check(cfg)                     # nothing computed or written before this
+    ds = load_and_check(cfg, workdir)            # nothing computed or written before this
     mesh, rules = setup(cfg)
-    model = arch.build_model(cfg.model, nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
+    model = arch.build_model(cfg.model, nnx.Rngs(params=cfg.seed, dropout=dropout_key(cfg.seed + 1)))
     tx = optim.build_optimizer(cfg.optim, nnx.state(model, nnx.Param), total_steps=t.steps)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     sharding.shard_state(model, optimizer, mesh=mesh, rules=rules)
@@ -101,22 +117,42 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                              process_count=jax.process_count())
     rng = jax.random.key(cfg.seed)
 
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
-
     start = 0
     state = train_state(model, optimizer, rng)
-    found = ckpt.restore_latest(abstract_like(state, sharding.state_shardings(state, mesh, rules)))
-    if found is not None:
+    abstract = abstract_like(state, sharding.state_shardings(state, mesh, rules))
+    ckpt = None
+    if checkpoint_steps(workdir):
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+        try:
+            found = ckpt.restore_latest(abstract)
+        except ValueError as e:
+            ckpt.close()
+            raise ConfigError(str(e)) from e
+        if found is None:
+            ckpt.close()
+            raise ConfigError(f"--workdir={workdir} holds no usable checkpoint (the unreadable "
+                              "newest one was set aside; see the warning); train in a new workdir")
         start, restored, loader_state = found
         nnx.update(model, restored["model"])
         nnx.update(optimizer, restored["optimizer"])
         rng = jax.random.wrap_key_data(restored["rng"])
-        loader.set_state(loader_state)
+        try:
+            loader.set_state(loader_state)
+        except ValueError as e:
+            ckpt.close()
+            raise ConfigError(str(e)) from e
+    elif t.get("init_from"):
+        step0 = init_from(model, cfg, t.init_from)
+        sharding.shard_state(model, mesh=mesh, rules=rules)
+        print(f"initialised from {t.init_from} (step {step0}); optimizer and data start afresh")
     del state
+    # Only now, every check passed, does the workdir change.
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
+    if ckpt is None:
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -158,6 +194,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                 # is handled at the next boundary, after this step's checkpoint decision.
                 stopping = stop.requested
                 done = step == t.steps or stopping
+                saving = (t.checkpoint_every and step % t.checkpoint_every == 0) or done
+                if step % t.log_every == 0 or done or saving:
+                    # Never save (or go on) past a non-finite loss: the last checkpoint stays good.
+                    check_finite([m["loss"] for m in pending], step, ckpt)
                 if step % t.log_every == 0 or done:
                     fetched = jax.device_get(pending)
                     last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
@@ -180,7 +220,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                               f"bits/byte {_fmt(ev['bits_per_byte'])}")
                     plot()
                     timer, timer_steps = time.perf_counter(), 0
-                if (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
+                if saving:
                     ckpt.save(step, train_state(model, optimizer, rng), loader.get_state())
                     timer, timer_steps = time.perf_counter(), 0
                 if stopping:
@@ -217,8 +257,39 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     return result
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite; the run stopped without saving."""
+
+
+def check_finite(losses, step: int, ckpt) -> None:
+    """NonFiniteLoss if any of the steps' losses (ending at `step`) is not finite."""
+    values = np.asarray(jax.device_get(losses), np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        first = step - len(values) + 1 + int(bad[0])
+        ckpt.wait()
+        steps = ckpt.steps()
+        last = f"step {steps[-1]} in {ckpt.directory}" if steps else "none"
+        raise NonFiniteLoss(
+            f"training loss is {values[bad[0]]} at step {first}: stopped, nothing saved after "
+            f"it (last good checkpoint: {last}). Lower optim.lr, raise optim.warmup_steps or "
+            "check the data, then run again to resume from that checkpoint.")
+
+
 def _fmt(x, spec: str = "{:.4f}") -> str:
     return "n/a" if x is None else spec.format(x)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a mistyped `--config.a.b` as a one-line config error."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError) as e:  # from ml_collections' override
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        msg = " ".join(str(e).replace("\\'", "'").strip("'\"").replace("\\n", " ").replace("\n", " ").split())
+        print(f"train.py: config error: {msg} (overrides: {', '.join(overrides)}); "
+              "configs/base.py lists every field", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv) -> None:
@@ -232,6 +303,9 @@ def main(argv) -> None:
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
@@ -242,4 +316,4 @@ if __name__ == "__main__":
         "config", None, "config file and variant, e.g. configs/llama3.py:tiny")
     _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -87,6 +87,12 @@ class Documents:
     def num_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    def max_token(self) -> int:
+        """The largest token id in `tokens` (read in chunks: a memmap stays on disk)."""
+        chunk = 1 << 24
+        return max((int(np.max(self.tokens[i:i + chunk])) for i in range(0, len(self.tokens), chunk)),
+                   default=-1)
+
     def subset(self, index) -> Documents:
         """The documents at `index` (an int array or a boolean mask), in that order."""
         index = np.asarray(index)

@@ -10,12 +10,18 @@ orbax writes them in a background thread into a temporary directory that it rena
 into place when complete (then writes `commit_success.txt`). A crash mid-save leaves
 only the temporary directory, which is never taken for a step.
 
-Restoring walks the steps from newest to oldest. A step that is not committed (no
-commit marker) or that orbax cannot read (truncated or damaged files) is reported with
-a warning and moved aside to `<step>.corrupt` (never deleted: it is evidence) so that
-the resumed run can save that step number again; the next older step is tried. Only
-complete steps therefore remain, and keep-N pruning (orbax `max_to_keep`) can never
-remove the last good checkpoint in favour of a broken one.
+Restoring takes the newest step. Before reading any array it compares the step's
+metadata (every array's path and shape) with the state this run builds: a checkpoint
+of another model or optimizer is refused with a ValueError that names the differing
+arrays, and nothing is moved (trainer/workdir.py refuses a changed config even earlier,
+by its fields). Only a step that is truly unreadable — not committed (no commit
+marker), or files orbax cannot read (truncated, missing) — is reported with a warning
+and, when it is the newest, moved aside to `<step>.corrupt` (never deleted: it is
+evidence) so that the resumed run can save that step number again; the next older step
+is then tried. A second unreadable step stops with a ValueError: two broken
+checkpoints in a row mean something else is wrong, and nothing more is moved. keep-N
+pruning (orbax `max_to_keep`) can so never remove the last good checkpoint in favour of
+a broken one. `restore_latest(..., set_aside=False)` (sample.py) only skips.
 
 Restoring takes the *target* of every array (`jax.ShapeDtypeStruct` with a sharding),
 so a checkpoint saved on one mesh restores onto another: orbax reads each device's
@@ -58,6 +64,34 @@ def train_state(model, optimizer, rng) -> dict:
             "rng": jax.random.key_data(rng)}
 
 
+def _path_str(path) -> str:
+    names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    if names and names[-1] == "value":   # nnx Variables: orbax records their `.value`
+        names = names[:-1]
+    return ".".join(names)
+
+
+def _shape(x) -> tuple:
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        x = jax.eval_shape(jax.random.key_data, x)  # orbax stores a key as its raw data
+    return tuple(getattr(x, "shape", ()))
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    return {_path_str(p): _shape(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def tree_differences(saved, target) -> list[str]:
+    """'path: saved shape -> target shape' (or absent) for arrays that differ."""
+    a, b = _shapes(saved), _shapes(target)
+    out = []
+    for k in sorted(a.keys() | b.keys()):
+        if a.get(k) != b.get(k):
+            out.append(f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}")
+    return out
+
+
 def is_committed(step_dir: str) -> bool:
     """True if orbax finished writing this step directory."""
     if os.path.exists(os.path.join(step_dir, COMMIT_FILE)):
@@ -85,8 +119,10 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        # Handlers named up front, so that a fresh manager can read a step's metadata.
+        handlers = {"state": ocp.StandardCheckpointHandler(), "loader": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "loader"))
+                                             item_handlers=handlers)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -104,30 +140,65 @@ class Checkpointer:
         out = self.manager.restore(step, args=args)
         return out.state, out.loader
 
-    def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+    def restore_latest(self, abstract_state, *, set_aside: bool = True
+                       ) -> tuple[int, object, dict] | None:
         """(step, state, loader_state) of the newest good checkpoint, or None if none.
 
-        Broken steps on the way are warned about (CheckpointWarning) and moved aside.
+        Raises ValueError if a checkpoint holds other arrays than `abstract_state`
+        (another model or optimizer), or if a second unreadable step is met. An
+        unreadable newest step is warned about (CheckpointWarning) and, with
+        `set_aside`, moved to `<step>.corrupt`; without, only skipped.
         """
         self.manager.wait_until_finished()
-        found = None
+        found, broken = None, []
         for step in sorted(self.manager.all_steps(), reverse=True):
             path = os.path.join(self.directory, str(step))
-            if not is_committed(path):
-                problem = f"no commit marker ({COMMIT_FILE})"
-            else:
+            problem = self._unreadable(step, path, abstract_state)
+            if problem is None:
                 try:
                     state, loader = self.restore(step, abstract_state)
                     found = (step, state, loader)
                     break
                 except Exception as e:  # noqa: BLE001 - any read failure means unusable
                     problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            moved = self._set_aside(path)
-            warnings.warn(f"checkpoint step {step} at {path} is unusable ({problem}); kept as "
-                          f"{moved} and skipped in favour of an older one", CheckpointWarning,
-                          stacklevel=2)
+            if broken and set_aside:
+                raise ValueError(
+                    f"checkpoint steps {broken[0][0]} and {step} under {self.directory} are both "
+                    f"unreadable ({broken[0][1]}; {problem}); {broken[0][2]} was set aside, "
+                    "nothing else was moved. Inspect them, or train in a new workdir.")
+            broken.append((step, problem, path))
+            if set_aside:
+                moved = self._set_aside(path)
+                where = f"kept as {moved}"
+            else:
+                where = "left in place"
+            warnings.warn(f"checkpoint step {step} at {path} is unusable ({problem}); {where} "
+                          "and skipped in favour of an older one", CheckpointWarning, stacklevel=2)
+            if set_aside:
+                broken[-1] = (step, problem, moved)
         self.manager.reload()
         return found
+
+    def _unreadable(self, step: int, path: str, abstract_state) -> str | None:
+        """Why `step` cannot be read (None if it looks whole); ValueError if it holds
+        other arrays than `abstract_state`."""
+        if not is_committed(path):
+            return f"no commit marker ({COMMIT_FILE})"
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - unreadable metadata: a broken step
+            return f"metadata unreadable: {type(e).__name__}"
+        if saved is None:
+            return "metadata missing"
+        diffs = tree_differences(saved, abstract_state)
+        if diffs:
+            raise ValueError(
+                f"checkpoint step {step} at {path} holds other arrays than this run's model "
+                f"and optimizer (saved -> now): {'; '.join(diffs[:8])}"
+                + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+                + ". It was saved by another config; nothing was moved. Train this config in a "
+                "new workdir (train.init_from=... starts it from that run's weights).")
+        return None
 
     @staticmethod
     def _set_aside(path: str) -> str:
@@ -150,7 +221,8 @@ def restore_model(cfg, workdir: str):
     """(model, step): the model of the newest good checkpoint of a train.py workdir.
 
     Builds model and optimizer from `cfg` (the config the run used) so that the
-    checkpoint's tree matches, restores both, and returns the model.
+    checkpoint's tree matches, restores both, and returns the model. Reads only: an
+    unreadable checkpoint is skipped, never moved.
     """
     import arch
     import optim
@@ -159,7 +231,8 @@ def restore_model(cfg, workdir: str):
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
     try:
-        found = ckpt.restore_latest(abstract_like(train_state(model, optimizer, jax.random.key(0))))
+        found = ckpt.restore_latest(abstract_like(train_state(model, optimizer, jax.random.key(0))),
+                                    set_aside=False)
     finally:
         ckpt.close()
     if found is None:
@@ -167,3 +240,20 @@ def restore_model(cfg, workdir: str):
     step, state, _ = found
     nnx.update(model, state["model"])
     return model, step
+
+
+def init_from(model, cfg, source: str) -> int:
+    """Load the weights of `source`'s newest good checkpoint into `model`; returns its step.
+
+    `source` is another train.py workdir (train.init_from); its config.json rebuilds the
+    tree its checkpoint holds (its optimizer may differ from this run's). Parameters and
+    other model variables are copied; the dropout RNG streams stay this run's.
+    """
+    import ml_collections as mlc
+
+    from trainer.workdir import check_init_from, read_config
+    check_init_from(cfg, source)
+    src_cfg = mlc.ConfigDict(read_config(source))
+    src_model, step = restore_model(src_cfg, source)
+    nnx.update(model, nnx.state(src_model, nnx.Not(nnx.RngState)))
+    return step

@@ -72,6 +72,20 @@ def check_config(cfg, *, num_devices: int | None = None) -> None:
     if tau is not None and not m.track_max_logits:
         raise ValueError(f"optim.qk_clip_tau={tau} needs model.track_max_logits=True "
                          "(QK-Clip reads the max attention logits the model reports)")
+    if tau is not None and m.get("qk_norm") and m.get("mla") is None:
+        raise ValueError(f"optim.qk_clip_tau={tau} cannot clip a model with model.qk_norm=True: "
+                         "the norm makes the logits independent of the scale of W_q and W_k "
+                         "(set optim.qk_clip_tau=None, or model.qk_norm=False)")
+    d = cfg.data
+    if d.get("val_source") is None and not d.get("val_fraction"):
+        raise ValueError(f"data.val_fraction={d.get('val_fraction')!r} with no data.val_source "
+                         "leaves no validation data, which train.py evaluates on; set "
+                         "data.val_fraction in (0, 1) or a data.val_source")
+    if m.get("attention_dropout") != 0 and cfg.mesh.get("sequence", 1) != 1:
+        from arch.dropout import attention_rate
+        if attention_rate(m) > 0:
+            raise ValueError(f"mesh.sequence={cfg.mesh.sequence} runs ring attention, which has "
+                             "no attention dropout; set model.attention_dropout=0.0")
     # Builds the abstract model: runs every construction-time check of arch/.
     arch.count_params(m)
     optim.build_optimizer(cfg.optim, None, total_steps=cfg.train.steps)
@@ -85,6 +99,20 @@ def check_config(cfg, *, num_devices: int | None = None) -> None:
         if n_prompt + cfg.train.sample_tokens > m.max_seq_len:
             raise ValueError(f"train.sample_prompt ({n_prompt} tokens) + train.sample_tokens="
                              f"{cfg.train.sample_tokens} must be <= model.max_seq_len={m.max_seq_len}")
+
+
+def check_data(cfg, ds) -> None:
+    """Checks that need the data: every token id fits the model's vocabulary."""
+    for name, docs in (("data.source", ds.train), ("data.val_source", ds.val)):
+        if docs is None or docs.num_tokens == 0:
+            continue
+        top = docs.max_token()
+        if top >= cfg.model.vocab_size:
+            src = cfg.data.source if name == "data.source" or cfg.data.get("val_source") is None \
+                else cfg.data.val_source
+            raise ValueError(f"{name}={src!r} holds token id {top}, but model.vocab_size="
+                             f"{cfg.model.vocab_size}: ids must lie in [0, vocab_size) "
+                             "(was it tokenised with another tokenizer?)")
 
 
 class ConfigError(ValueError):

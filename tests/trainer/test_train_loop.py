@@ -169,6 +169,11 @@ def _binary_dir(tmp_path):
     ("steps", "train.steps"),
     ("heads", "model.num_heads"),
     ("encoder", "kind='decoder'"),
+    ("no_validation", "data.val_fraction=0"),
+    ("qk_clip_qk_norm", "cannot clip a model with model.qk_norm=True"),
+    ("bin_vocab", "holds token id 309, but model.vocab_size=256"),
+    ("bin_vocab_no_sidecar", "holds token id 309, but model.vocab_size=256"),
+    ("dropout_impl", "model.attention_impl='cudnn' has no attention dropout"),
 ])
 def test_bad_input_fails_before_compute_and_leaves_workdir(case, field, corpus, tmp_path,
                                                            guarded_workdir):
@@ -195,6 +200,21 @@ def test_bad_input_fails_before_compute_and_leaves_workdir(case, field, corpus, 
         cfg.model.num_kv_heads = 3                          # 2 heads
     elif case == "encoder":
         cfg.model.update(kind="encoder", causal=False)      # would see the tokens it predicts
+    elif case == "no_validation":
+        cfg.data.update(val_source=None, val_fraction=0.0)
+    elif case == "qk_clip_qk_norm":
+        cfg.model.update(qk_norm=True, track_max_logits=True)
+        cfg.optim.qk_clip_tau = 100.0
+    elif case.startswith("bin_vocab"):                      # ids past the byte vocabulary
+        from data.sources import write_bin
+        path = str(tmp_path / "big.bin")
+        write_bin(data.from_arrays([np.arange(250, 310)] * 3), path, tokenizer_name="byte",
+                  vocab_size=256)                   # a sidecar that understates it
+        if case == "bin_vocab_no_sidecar":
+            os.remove(path[:-4] + ".json")
+        cfg.data.source = path
+    elif case == "dropout_impl":
+        cfg.model.update(dropout=0.1, attention_impl="cudnn")
     with pytest.raises(ValueError, match=field):
         train_and_evaluate(cfg, guarded_workdir, progress=False)
 
@@ -249,3 +269,20 @@ def test_pallas_gpu_attention_loss_curve_on_gpu(corpus, tmp_path):
         curve = train_losses(workdir)
         losses[impl, dtype] = np.array([curve[s] for s in range(1, 41)])
     assert_kernel_curve_within_bf16_noise(losses, "llama-style")
+
+
+def test_dropout_run_resumes_with_the_same_masks(corpus, tmp_path):
+    """The dropout RNG streams live in the checkpoint: a run stopped and resumed draws the
+    masks the uninterrupted run drew (bit-exact losses), and they differ from no dropout."""
+    cfg = tiny_config(corpus, steps=4)
+    cfg.model.dropout = 0.3
+    whole = str(tmp_path / "whole")
+    train_and_evaluate(cfg, whole, progress=False)
+    sliced = str(tmp_path / "sliced")
+    assert train_and_evaluate(cfg, sliced, stop_after=2, progress=False)["stopped"]
+    train_and_evaluate(cfg, sliced, progress=False)
+    assert train_losses(sliced) == train_losses(whole)
+    plain = str(tmp_path / "plain")
+    train_and_evaluate(tiny_config(corpus, steps=4), plain, progress=False)
+    ref, drop = train_losses(plain), train_losses(whole)
+    assert all(drop[s] != ref[s] for s in range(1, 5))

@@ -62,25 +62,20 @@ def test_broken_latest_is_skipped_kept_and_pruning_spares_the_good_one(tmp_path)
     d = str(tmp_path)
     save_steps(d, [1, 2, 3], keep=3)
     truncate_arrays(os.path.join(d, "3"))
-    uncommit(os.path.join(d, "2"))
     before = sorted(os.listdir(os.path.join(d, "3", "state")))
 
     ckpt = Checkpointer(d, keep=3)
-    with pytest.warns(CheckpointWarning) as record:
+    with pytest.warns(CheckpointWarning, match="step 3"):
         step, state, loader = ckpt.restore_latest(abstract_like(tree(0)))
-    messages = " ".join(str(w.message) for w in record)
-    assert "step 3" in messages and "step 2" in messages and "no commit marker" in messages
-    assert step == 1 and loader == {"row": 10}
-    jax.tree.map(np.testing.assert_array_equal, state, tree(1))
-    # Kept as evidence, out of the way of new saves of the same step numbers.
+    assert step == 2 and loader == {"row": 20}
+    jax.tree.map(np.testing.assert_array_equal, state, tree(2))
+    # Kept as evidence, out of the way of a new save of the same step number.
     assert sorted(os.listdir(os.path.join(d, "3.corrupt", "state"))) == before
-    assert os.path.isdir(os.path.join(d, "2.corrupt"))
-    assert ckpt.steps() == [1]
-    # Three new saves with keep=3 prune step 1 only once three newer good ones exist.
-    ckpt.save(2, tree(22), {"row": 22})
-    ckpt.wait()
     assert ckpt.steps() == [1, 2]
+    # Two new saves with keep=3 prune step 1 only once three newer good ones exist.
     ckpt.save(3, tree(33), {"row": 33})
+    ckpt.wait()
+    assert ckpt.steps() == [1, 2, 3]
     ckpt.save(4, tree(44), {"row": 44})
     ckpt.close()
     ckpt = Checkpointer(d, keep=3)
@@ -89,7 +84,43 @@ def test_broken_latest_is_skipped_kept_and_pruning_spares_the_good_one(tmp_path)
     ckpt.close()
     assert step == 4
     jax.tree.map(np.testing.assert_array_equal, state, tree(44))
-    assert os.path.isdir(os.path.join(d, "3.corrupt")) and os.path.isdir(os.path.join(d, "2.corrupt"))
+
+
+def test_two_broken_steps_stop_and_only_the_latest_is_set_aside(tmp_path):
+    d = str(tmp_path)
+    save_steps(d, [1, 2, 3], keep=3)
+    truncate_arrays(os.path.join(d, "3"))
+    uncommit(os.path.join(d, "2"))
+    ckpt = Checkpointer(d, keep=3)
+    with pytest.warns(CheckpointWarning, match="step 3"), \
+            pytest.raises(ValueError, match="steps 3 and 2 .* both unreadable"):
+        ckpt.restore_latest(abstract_like(tree(0)))
+    ckpt.close()
+    assert sorted(os.listdir(d)) == ["1", "2", "3.corrupt"]
+
+
+def test_checkpoint_of_another_tree_is_refused_and_nothing_moves(tmp_path):
+    d = str(tmp_path)
+    save_steps(d, [1, 2])
+    other = {"w": jnp.zeros((8, 7)), "opt": tree(0)["opt"], "extra": jnp.zeros(3)}
+    ckpt = Checkpointer(d, keep=3)
+    with pytest.raises(ValueError, match=r"extra: \(absent\) -> \(3,\); w: \(8, 6\) -> \(8, 7\)"):
+        ckpt.restore_latest(abstract_like(other))
+    ckpt.close()
+    assert sorted(os.listdir(d)) == ["1", "2"]
+
+
+def test_read_only_restore_skips_a_broken_step_without_moving_it(tmp_path):
+    d = str(tmp_path)
+    save_steps(d, [1, 2])
+    truncate_arrays(os.path.join(d, "2"))
+    ckpt = Checkpointer(d, keep=3)
+    with pytest.warns(CheckpointWarning, match="left in place"):
+        step, state, _ = ckpt.restore_latest(abstract_like(tree(0)), set_aside=False)
+    ckpt.close()
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, state, tree(1))
+    assert sorted(os.listdir(d)) == ["1", "2"]
 
 
 def test_nothing_usable_returns_none(tmp_path):
