@@ -195,11 +195,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                 stopping = stop.requested
                 done = step == t.steps or stopping
                 saving = (t.checkpoint_every and step % t.checkpoint_every == 0) or done
-                if step % t.log_every == 0 or done or saving:
-                    # Never save (or go on) past a non-finite loss: the last checkpoint stays good.
-                    check_finite([m["loss"] for m in pending], step, ckpt)
-                if step % t.log_every == 0 or done:
+                logging_now = step % t.log_every == 0 or done
+                if logging_now or saving:
                     fetched = jax.device_get(pending)
+                    # Never save (or go on) past a non-finite loss: the last checkpoint stays good.
+                    check_finite([m["loss"] for m in fetched], step, ckpt)
+                if logging_now:
                     last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                     pending = []
                     if timer_steps:
@@ -262,8 +263,8 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def check_finite(losses, step: int, ckpt) -> None:
-    """NonFiniteLoss if any of the steps' losses (ending at `step`) is not finite."""
-    values = np.asarray(jax.device_get(losses), np.float64)
+    """NonFiniteLoss if any of the steps' losses (host values, ending at `step`) is not finite."""
+    values = np.asarray(losses, np.float64)
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         first = step - len(values) + 1 + int(bad[0])

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.flash_attention import DROPOUT_IMPLS
+
 
 def check_rate(field: str, rate) -> float:
     """The rate as a float; ValueError naming the field unless it lies in [0, 1)."""
@@ -58,7 +60,6 @@ def check_dropout_config(cfg) -> None:
     rate = attention_rate(cfg)
     if rate == 0:
         return
-    from pallas_kernels.flash_attention import DROPOUT_IMPLS  # here: pallas_kernels is heavy
     impl = cfg.get("attention_impl", "auto")
     if impl not in DROPOUT_IMPLS:
         raise ValueError(

@@ -166,16 +166,11 @@ class Checkpointer:
                     f"checkpoint steps {broken[0][0]} and {step} under {self.directory} are both "
                     f"unreadable ({broken[0][1]}; {problem}); {broken[0][2]} was set aside, "
                     "nothing else was moved. Inspect them, or train in a new workdir.")
-            broken.append((step, problem, path))
-            if set_aside:
-                moved = self._set_aside(path)
-                where = f"kept as {moved}"
-            else:
-                where = "left in place"
+            kept = self._set_aside(path) if set_aside else path
+            broken.append((step, problem, kept))
+            where = f"kept as {kept}" if set_aside else "left in place"
             warnings.warn(f"checkpoint step {step} at {path} is unusable ({problem}); {where} "
                           "and skipped in favour of an older one", CheckpointWarning, stacklevel=2)
-            if set_aside:
-                broken[-1] = (step, problem, moved)
         self.manager.reload()
         return found
 

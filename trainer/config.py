@@ -21,6 +21,7 @@ import jax
 import arch
 import data
 import optim
+from arch.dropout import attention_rate
 from trainer.mesh import check_parallel_config
 
 SECTIONS = ("model", "data", "optim", "train", "mesh")
@@ -81,11 +82,9 @@ def check_config(cfg, *, num_devices: int | None = None) -> None:
         raise ValueError(f"data.val_fraction={d.get('val_fraction')!r} with no data.val_source "
                          "leaves no validation data, which train.py evaluates on; set "
                          "data.val_fraction in (0, 1) or a data.val_source")
-    if m.get("attention_dropout") != 0 and cfg.mesh.get("sequence", 1) != 1:
-        from arch.dropout import attention_rate
-        if attention_rate(m) > 0:
-            raise ValueError(f"mesh.sequence={cfg.mesh.sequence} runs ring attention, which has "
-                             "no attention dropout; set model.attention_dropout=0.0")
+    if cfg.mesh.get("sequence", 1) != 1 and attention_rate(m) > 0:
+        raise ValueError(f"mesh.sequence={cfg.mesh.sequence} runs ring attention, which has "
+                         "no attention dropout; set model.attention_dropout=0.0")
     # Builds the abstract model: runs every construction-time check of arch/.
     arch.count_params(m)
     optim.build_optimizer(cfg.optim, None, total_steps=cfg.train.steps)
@@ -103,9 +102,11 @@ def check_config(cfg, *, num_devices: int | None = None) -> None:
 
 def check_data(cfg, ds) -> None:
     """Checks that need the data: every token id fits the model's vocabulary."""
+    seen = set()  # a split source: train and validation view one token array, read it once
     for name, docs in (("data.source", ds.train), ("data.val_source", ds.val)):
-        if docs is None or docs.num_tokens == 0:
+        if docs is None or docs.num_tokens == 0 or id(docs.tokens) in seen:
             continue
+        seen.add(id(docs.tokens))
         top = docs.max_token()
         if top >= cfg.model.vocab_size:
             src = cfg.data.source if name == "data.source" or cfg.data.get("val_source") is None \

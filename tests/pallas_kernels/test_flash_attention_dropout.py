@@ -17,33 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_flash_attention_gpu import FUSED, SMALL, _outputs_and_grads
+from test_flash_attention_gpu import _inputs as gpu_inputs
 
 from pallas_kernels.flash_attention import DROPOUT_IMPLS, api, dropout, gpu, reference, tpu
 
-# The small tiles of test_flash_attention_gpu.py: T=40 spans several blocks of each kernel
-# and is padded in all of them.
-SMALL = gpu.BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_kv_dkv=32,
-                       block_q_dq=32, block_kv_dq=16, num_warps=4, num_warps_bwd=4)
-FUSED = dataclasses.replace(SMALL, backward="fused")
+# SMALL/FUSED are the GPU tests' small tiles: T=40 spans several blocks of each kernel and
+# is padded in all of them.
 ON_GPU = jax.default_backend() == "gpu"
 RATE = 0.3
 
 
 def _inputs(seed, b=2, tq=40, tk=40, h=4, hkv=2, d=16, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.key(seed), 5)
-    q = jax.random.normal(ks[0], (b, tq, h, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (b, tk, hkv, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (b, tk, hkv, d), jnp.float32).astype(dtype)
-    do = jax.random.normal(ks[3], (b, tq, h, d), jnp.float32)
-    dlse = jax.random.normal(ks[4], (b, h, tq), jnp.float32)
-    return q, k, v, do, dlse
-
-
-def _outputs_and_grads(fn, q, k, v, do, dlse):
-    """(o, lse) and the vjp of (o, lse) against (do, dlse); -inf lse rows carry no cotangent."""
-    (o, lse), vjp = jax.vjp(fn, q, k, v)
-    dlse = jnp.where(jnp.isfinite(lse), dlse, 0.0)
-    return o, lse, vjp((do.astype(o.dtype), dlse))
+    return gpu_inputs(seed, b, tq, tk, h, hkv, d, d, dtype)
 
 
 def _segments(b, t):
