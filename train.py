@@ -51,16 +51,17 @@ from trainer.metrics import MetricsWriter, plot_losses, read_metrics
 from trainer.mfu import flops_per_token, format_mfu, mfu
 from trainer.sample import generate
 from trainer.signals import StopOnSignal
-from trainer.step import StepOptions, eval_step, train_step
+from trainer.step import StepOptions, bind_eval_step, bind_train_step
 from trainer.workdir import CONFIG_FILE, check_workdir, checkpoint_steps
 
 
 def evaluate(model, ds, mesh, rules, num_batches: int) -> dict:
     """Validation loss (nats/token), perplexity and bits per byte over `num_batches`."""
     ce_sum = tokens = 0.0
+    step = bind_eval_step(model)
     for batch in ds.eval_batches(num_batches, process_index=jax.process_index(),
                                  process_count=jax.process_count()):
-        out = jax.device_get(eval_step(model, device_batch(batch, mesh, rules)))
+        out = jax.device_get(step(device_batch(batch, mesh, rules)))
         ce_sum += float(out["ce_sum"])
         tokens += float(out["tokens"])
     loss = ce_sum / max(tokens, 1.0)
@@ -146,6 +147,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
         sharding.shard_state(model, mesh=mesh, rules=rules)
         print(f"initialised from {t.init_from} (step {step0}); optimizer and data start afresh")
     del state
+    step_fn = bind_train_step(model, optimizer)  # after restore/init_from: the final graph
     # Only now, every check passed, does the workdir change.
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -182,7 +184,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
         with StopOnSignal() as stop, sharding.activate(mesh, rules):
             for step in range(start + 1, t.steps + 1):
                 batch = device_batch(next(loader), mesh, rules)
-                pending.append(train_step(model, optimizer, batch, opts=opts))
+                pending.append(step_fn(batch, opts=opts))
                 if timer is None:  # the first step compiles: time from its end
                     jax.block_until_ready(pending[-1])
                     timer, timer_steps = time.perf_counter(), 0

@@ -204,3 +204,32 @@ def test_qk_clip_caps_each_heads_max_logit_at_tau():
     m = train_step(model, opt, batch, opts=StepOptions.from_config(cfg))
     np.testing.assert_allclose(float(m["max_logit"]), before.max(), rtol=1e-5)
     np.testing.assert_allclose(max_logits(), np.minimum(before, 0.045), rtol=1e-4)
+
+
+def test_bound_step_matches_train_step_and_updates_the_objects():
+    """bind_train_step (nnx.cached_partial, what train.py runs) gives the losses, weights,
+    optimizer state and dropout streams of plain train_step, step after step, and leaves
+    them in the same model/optimizer objects that eval and checkpoints read."""
+    import optim
+    from trainer.step import bind_eval_step, bind_train_step, eval_step
+    cfg = small_model_config(dropout=0.1)
+
+    def build():
+        model = arch.build_model(cfg.model, nnx.Rngs(params=0, dropout=1))
+        tx = optim.build_optimizer(cfg.optim, nnx.state(model, nnx.Param), total_steps=100)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    (m1, o1), (m2, o2) = build(), build()
+    opts = StepOptions.from_config(cfg)
+    step = bind_train_step(m2, o2)
+    for seed in range(3):
+        batch = jax.tree.map(jnp.asarray, random_batch(seed))
+        want = train_step(m1, o1, batch, opts=opts)
+        got = step(batch, opts=opts)
+        np.testing.assert_array_equal(np.asarray(got["loss"]), np.asarray(want["loss"]))
+    as_numbers = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+    chex.assert_trees_all_equal(jax.tree.map(as_numbers, nnx.state((m2, o2))),
+                                jax.tree.map(as_numbers, nnx.state((m1, o1))))
+    assert int(o2.step.value) == 3
+    np.testing.assert_array_equal(np.asarray(bind_eval_step(m2)(batch)["ce_sum"]),
+                                  np.asarray(eval_step(m1, batch)["ce_sum"]))

@@ -109,16 +109,20 @@ def test_init_from_starts_a_new_run_from_old_weights(finished_run, corpus, tmp_p
 
 
 def test_non_finite_loss_stops_without_saving(corpus, tmp_path, monkeypatch):
-    real_step = train.train_step
+    real_bind = train.bind_train_step
     calls = []
 
-    def poisoned(model, optimizer, batch, *, opts):
-        out = real_step(model, optimizer, batch, opts=opts)
-        calls.append(1)
-        if len(calls) >= 3:
-            out = {**out, "loss": out["loss"] * float("nan")}
-        return out
-    monkeypatch.setattr(train, "train_step", poisoned)
+    def poisoned_bind(model, optimizer):
+        real_step = real_bind(model, optimizer)
+
+        def poisoned(batch, *, opts):
+            out = real_step(batch, opts=opts)
+            calls.append(1)
+            if len(calls) >= 3:
+                out = {**out, "loss": out["loss"] * float("nan")}
+            return out
+        return poisoned
+    monkeypatch.setattr(train, "bind_train_step", poisoned_bind)
     workdir = str(tmp_path / "w")
     with pytest.raises(NonFiniteLoss, match="at step 3.*last good checkpoint: step 2"):
         train_and_evaluate(tiny_config(corpus, steps=6, log_every=4), workdir, progress=False)
