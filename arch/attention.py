@@ -26,6 +26,7 @@ from arch.dropout import make_attention_dropout
 from arch.norms import RMSNorm
 from arch.positional import POSITION_EMBEDDINGS, RoPE, rotary_dim
 from pallas_kernels.flash_attention import IMPLS
+from pallas_kernels.flash_attention.api import FULL_FEATURE_IMPLS, impl_lacks
 from pallas_kernels.flash_attention.reference import max_logits_reference
 from sharding import sequence as sequence_parallel
 
@@ -48,6 +49,12 @@ def validate_attention_config(cfg, kinds=None) -> None:
         raise ValueError(f"model.num_heads={cfg.num_heads} must be divisible by "
                          f"model.num_kv_heads={cfg.num_kv_heads}")
     check_choice("model.attention_impl", cfg.attention_impl, IMPLS)
+    lacking = impl_lacks(cfg.attention_impl, [f for f, on in (
+        ("logit_soft_cap", cfg.logit_soft_cap is not None), ("sinks", cfg.attention_sinks)) if on])
+    if lacking:
+        raise ValueError(f"model.attention_impl={cfg.attention_impl!r} (jax.nn.dot_product_attention) "
+                         f"has no {lacking} (set by model.logit_soft_cap / model.attention_sinks); "
+                         f"use one of {FULL_FEATURE_IMPLS}")
     check_choice("model.position_embedding", cfg.position_embedding, POSITION_EMBEDDINGS)
     for kind in kinds:
         check_choice("model.layer_pattern entry", kind, LAYER_KINDS)

@@ -12,7 +12,12 @@ Models (bf16 compute, f32 parameters and AdamW state, as train.py trains them):
                 LayerNorm, learned positions, tied embeddings, vocab 50304 (nanoGPT's padded
                 GPT-2 vocabulary), no biases (as nanoGPT's bench.py, bias=False)
 Both at batch 4 x seq 4096 by default. The step is `trainer.step.train_step`: forward,
-backward, AdamW update, on random tokens (one document per row).
+backward, AdamW update. Two kinds of data (`--data`, both by default):
+  random  random tokens, one document per row, no segment ids: the causal-only mask of
+          nanoGPT's bench.py (a shortcut: train.py never sends such batches)
+  train   what train.py runs: the packed batches of its loader (data.source, default the
+          stdlib corpus, byte tokens) with segment ids and positions, moved to the mesh
+          by `device_batch` and fed to the bound step, the loader's host time included
 
 MFU (trainer/mfu.py) counts 6 N per token for the weight matmuls plus the attention
 scores and values at half the square for causal layers (PaLM's 12 L T d, halved);
@@ -27,7 +32,9 @@ the first that fits in memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import itertools
 import os
 import sys
 import time
@@ -40,15 +47,20 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import arch  # noqa: E402
+import data  # noqa: E402
 import optim  # noqa: E402
+import sharding  # noqa: E402
 from configs.deepseek_v3 import get_config as deepseek_v3_config  # noqa: E402
 from configs.gpt2 import get_config as gpt2_config  # noqa: E402
 from configs.llama3 import get_config as llama3_config  # noqa: E402
+from pallas_kernels.flash_attention.api import impl_lacks  # noqa: E402
+from trainer.mesh import device_batch, setup  # noqa: E402
 from trainer.mfu import flops_per_token, format_mfu, mfu, peak_flops  # noqa: E402
-from trainer.step import StepOptions, train_step  # noqa: E402
+from trainer.step import StepOptions, bind_train_step  # noqa: E402
 
 NANOGPT_H100_TOKENS_PER_S = 55_900
 REMATS = ("none", "dots_saveable", "full")
+DATA_KINDS = ("random", "train")
 PROFILE_STEPS = 3
 
 
@@ -87,28 +99,62 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
             "loss_mask": jnp.ones((batch, seq), jnp.float32)}
 
 
-def measure(cfg, *, batch: int, seq: int, steps: int, warmup: int, profile: str | None = None) -> dict:
-    """Seconds per step of train_step after `warmup` steps (the first compiles)."""
+def train_batches(cfg, batch: int, seq: int):
+    """train.py's batches: its loader over cfg.data (packed, with segment ids) on the mesh.
+
+    Returns (an iterator of device batches, mean documents per row of the first batch).
+    """
+    cfg.data.update(batch_size=batch, seq_len=seq)
+    mesh, rules = setup(cfg)
+    loader = data.build_dataset(cfg.data).train_loader(seed=cfg.seed)
+    first = next(loader)
+    docs_per_row = float(np.mean(first["segment_ids"].max(axis=1)))
+    loader.set_state({**loader.get_state(), "row": 0})
+
+    def batches():
+        while True:
+            yield device_batch(next(loader), mesh, rules)
+
+    return mesh, rules, batches(), docs_per_row
+
+
+def measure(cfg, *, batch: int, seq: int, steps: int, warmup: int, data_kind: str = "random",
+            profile: str | None = None) -> dict:
+    """Seconds per step of train_step after `warmup` steps (the first compiles).
+
+    data_kind "random": one random batch fed again and again; "train": a fresh batch of
+    train.py's loader every step, loading and transfer inside the timed loop, as in
+    train.py.
+    """
     model = arch.build_model(cfg.model, nnx.Rngs(params=0))
     tx = optim.build_optimizer(cfg.optim, nnx.state(model, nnx.Param), total_steps=10_000)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     opts = StepOptions.from_config(cfg)
-    data = random_batch(batch, seq, cfg.model.vocab_size)
-    for _ in range(warmup):
-        jax.block_until_ready(train_step(model, optimizer, data, opts=opts))
-    start = time.perf_counter()
-    for _ in range(steps):
-        metrics = train_step(model, optimizer, data, opts=opts)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / steps
-    out = {"step_s": seconds, "loss": float(metrics["loss"])}
-    if profile:  # a few more steps under the profiler, summarised by kernel kind
-        from bench.trace_summary import summarise
-        with jax.profiler.trace(profile, create_perfetto_trace=True):
-            for _ in range(PROFILE_STEPS):
-                metrics = train_step(model, optimizer, data, opts=opts)
-            jax.block_until_ready(metrics)
-        out["profile"] = summarise(profile, steps=PROFILE_STEPS)
+    out = {}
+    if data_kind == "train":
+        mesh, rules, feed, out["docs_per_row"] = train_batches(cfg, batch, seq)
+        sharding.shard_state(model, optimizer, mesh=mesh, rules=rules)
+        context = sharding.activate(mesh, rules)
+    else:
+        fixed = random_batch(batch, seq, cfg.model.vocab_size)
+        feed, context = iter(lambda: fixed, None), contextlib.nullcontext()
+    step = bind_train_step(model, optimizer)
+    with context:
+        for _ in range(warmup):
+            jax.block_until_ready(step(next(feed), opts=opts))
+        start = time.perf_counter()
+        for _ in range(steps):
+            metrics = step(next(feed), opts=opts)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - start) / steps
+        out.update(step_s=seconds, loss=float(metrics["loss"]))
+        if profile:  # a few more steps under the profiler, summarised by kernel kind
+            from bench.trace_summary import summarise
+            with jax.profiler.trace(profile, create_perfetto_trace=True):
+                for _ in range(PROFILE_STEPS):
+                    metrics = step(next(feed), opts=opts)
+                jax.block_until_ready(metrics)
+            out["profile"] = summarise(profile, steps=PROFILE_STEPS)
     return out
 
 
@@ -116,7 +162,7 @@ def is_oom(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
-def run_model(name: str, args) -> dict:
+def run_model(name: str, args, data_kind: str = "random") -> dict:
     cfg = MODELS[name]()
     if args.smoke:
         cfg = smoke(cfg)
@@ -124,13 +170,18 @@ def run_model(name: str, args) -> dict:
     cfg.model.attention_impl = args.attention
     cfg.train.z_loss = 0.0
     total, active = arch.count_params(cfg.model)
-    row = {"model": name, "params": total, "batch": args.batch, "seq": seq}
+    row = {"model": name, "data": data_kind, "params": total, "batch": args.batch, "seq": seq}
+    if data_kind == "train" and impl_lacks(args.attention, ["segment_ids"]):
+        # train.py refuses this config before compute (trainer/config.py): so does the bench.
+        return {**row, "remat": f"cannot run: {args.attention} has no segment ids", "step_s": None}
     for remat in (REMATS if args.remat == "auto" else (args.remat,)):
         cfg.model.remat = remat
         try:
-            profile = args.profile and os.path.join(args.profile, f"{name}-{args.attention}")
+            profile = args.profile and os.path.join(args.profile,
+                                                    f"{name}-{args.attention}-{data_kind}")
             row.update(measure(cfg, batch=args.batch, seq=seq, steps=args.steps,
-                               warmup=args.warmup, profile=profile), remat=remat)
+                               warmup=args.warmup, data_kind=data_kind, profile=profile),
+                       remat=remat)
             break
         except Exception as e:  # noqa: BLE001 - out of memory: try the next remat policy
             if not is_oom(e):
@@ -157,15 +208,16 @@ def table(rows: list[dict], device_kind: str) -> str:
     lines = [f"device: {device_kind} (bf16 dense peak "
              f"{'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}), jax {jax.__version__}",
              "",
-             "| model | params | batch x seq | remat | step (s) | tokens/s | TFLOP/s | MFU | "
+             "| model | data | params | batch x seq | remat | step (s) | tokens/s | TFLOP/s | MFU | "
              "MFU (nanoGPT count) | vs nanoGPT 55.9k tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tps = r.get("tokens_per_s")
         vs = (f"{tps / NANOGPT_H100_TOKENS_PER_S:.2f}x" if tps and r["model"] == "gpt2-1.3b"
               else "")
+        kind = r["data"] + (f" ({r['docs_per_row']:.1f} docs/row)" if "docs_per_row" in r else "")
         lines.append(
-            f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['batch']} x {r['seq']} | {r['remat']} | "
+            f"| {r['model']} | {kind} | {r['params'] / 1e9:.2f}B | {r['batch']} x {r['seq']} | {r['remat']} | "
             + (f"{r['step_s']:.3f} | {tps:,.0f} | {r['tflops']:.0f} | {format_mfu(r['mfu'])} | "
                f"{format_mfu(r['mfu_nanogpt'])} | {vs} |" if tps else "- | - | - | - | - | - |"))
     return "\n".join(lines)
@@ -180,6 +232,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     p.add_argument("--remat", default="auto", choices=("auto",) + REMATS)
     p.add_argument("--attention", default="auto", help="model.attention_impl")
+    p.add_argument("--data", default=",".join(DATA_KINDS),
+                   help=f"comma list of {DATA_KINDS}: random rows, or train.py's loader")
     p.add_argument("--smoke", action="store_true", help="toy sizes, to check the script on CPU")
     p.add_argument("--profile", default=None, help="trace a few steps into this directory and "
                    "print where the GPU time goes (bench/trace_summary.py)")
@@ -189,13 +243,16 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise ValueError(f"--models {unknown} must be in {tuple(MODELS)}")
+    kinds = args.data.split(",")
+    if any(k not in DATA_KINDS for k in kinds):
+        raise ValueError(f"--data={args.data!r} must be a comma list of {DATA_KINDS}")
     if jax.default_backend() == "cpu" and not args.smoke:
         sys.exit("bench/train_mfu.py measures ~1B models on a GPU or TPU; on CPU use --smoke")
     rows = []
-    for name in names:
-        rows.append(run_model(name, args))
+    for name, kind in itertools.product(names, kinds):
+        rows.append(run_model(name, args, kind))
         profile = rows[-1].pop("profile", None)
-        print(f"{name}: {rows[-1]}", flush=True)
+        print(f"{name} ({kind}): {rows[-1]}", flush=True)
         if profile:
             print(profile, flush=True)
     text = table(rows, jax.devices()[0].device_kind)

@@ -22,6 +22,7 @@ import arch
 import data
 import optim
 from arch.dropout import attention_rate
+from pallas_kernels.flash_attention.api import FULL_FEATURE_IMPLS, impl_lacks
 from trainer.mesh import check_parallel_config
 
 SECTIONS = ("model", "data", "optim", "train", "mesh")
@@ -87,6 +88,12 @@ def check_config(cfg, *, num_devices: int | None = None) -> None:
                          "no attention dropout; set model.attention_dropout=0.0")
     # Builds the abstract model: runs every construction-time check of arch/.
     arch.count_params(m)
+    lacking = impl_lacks(m.attention_impl, ["segment_ids"])
+    if lacking:
+        raise ValueError(f"model.attention_impl={m.attention_impl!r} (jax.nn.dot_product_attention) "
+                         f"cannot take {lacking[0]}, and train.py's packed batches always carry "
+                         f"them; use one of {FULL_FEATURE_IMPLS} ('auto' picks the fastest kernel "
+                         "of the device)")
     optim.build_optimizer(cfg.optim, None, total_steps=cfg.train.steps)
     check_parallel_config(cfg, None if num_devices is None else jax.devices()[:num_devices])
     tok = data.make_tokenizer(cfg.data.tokenizer, field="data.tokenizer")

@@ -12,7 +12,11 @@ impl:
                 backend registers itself when `sharding.sequence` is imported.
 
 A backend is a function with the signature of `flash_attention` minus `impl`; it raises
-`NotImplementedError` for a feature it lacks, and "auto" then falls back to the reference.
+`NotImplementedError` for a feature it lacks, and "auto" then falls back to the reference;
+a backend asked for by name turns it into a ValueError naming the impl, the feature and
+the impls that have it. `DPA_LACKS` lists what "cudnn"/"xla" lack, so that configs can be
+refused before compute (`impl_lacks`): jax.nn.dot_product_attention has no segment ids
+(train.py's packed batches always carry them), soft-cap, sinks or explicit positions.
 
 Attention dropout (`dropout_rate > 0` with a `dropout_seed`; dropout.py) is implemented by
 the impls in `DROPOUT_IMPLS`; the others raise a ValueError. Only those backends ever see
@@ -33,6 +37,14 @@ from pallas_kernels.flash_attention.dropout import check_dropout
 IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu", "cudnn", "xla", "ring")
 DROPOUT_IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")  # with attention dropout
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Features jax.nn.dot_product_attention (impls "cudnn" and "xla") cannot take.
+DPA_LACKS = ("segment_ids", "logit_soft_cap", "sinks", "positions", "q_len != kv_len")
+FULL_FEATURE_IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "reference")  # take every feature
+
+
+def impl_lacks(impl: str, features) -> list[str]:
+    """The `features` (names of DPA_LACKS) that attention `impl` cannot serve."""
+    return [f for f in features if f in DPA_LACKS] if impl in ("cudnn", "xla") else []
 
 _BACKENDS: dict[str, Callable] = {}
 
@@ -52,10 +64,12 @@ def _dot_product_attention_backend(implementation):
     def run(q, k, v, *, causal, sliding_window, segment_ids, q_positions, kv_positions,
             logit_soft_cap, sm_scale, sinks, block_sizes=None):
         del block_sizes
-        if logit_soft_cap is not None or sinks is not None or q_positions is not None:
-            raise NotImplementedError("soft-cap, sinks and positions are not in jax.nn attention")
-        if segment_ids is not None or q.shape[1] != k.shape[1]:
-            raise NotImplementedError("segment ids / q_len != kv_len not supported here")
+        used = {"segment_ids": segment_ids is not None, "logit_soft_cap": logit_soft_cap is not None,
+                "sinks": sinks is not None, "positions": q_positions is not None,
+                "q_len != kv_len": q.shape[1] != k.shape[1]}
+        lacking = impl_lacks(implementation, [f for f, on in used.items() if on])
+        if lacking:
+            raise NotImplementedError(f"jax.nn.dot_product_attention has no {lacking}")
         window = None if sliding_window is None else (
             (sliding_window - 1, 0) if causal else (sliding_window - 1, sliding_window - 1))
         return jax.nn.dot_product_attention(
@@ -151,4 +165,8 @@ def flash_attention(
         return _reference_backend(q, k, v, **kw)
     if impl not in _BACKENDS:
         raise ValueError(f"attention {impl=} is not available in this build; have {sorted(_BACKENDS)}")
-    return _BACKENDS[impl](q, k, v, block_sizes=block_sizes, **kw)
+    try:
+        return _BACKENDS[impl](q, k, v, block_sizes=block_sizes, **kw)
+    except NotImplementedError as e:
+        raise ValueError(f"attention {impl=} cannot serve this call ({e}); impls with every "
+                         f"feature: {FULL_FEATURE_IMPLS}") from e

@@ -277,6 +277,21 @@ def test_xla_backend_window_translation(causal, window):
     chex.assert_trees_all_close(np.asarray(o), want, atol=2e-5)
 
 
+@pytest.mark.parametrize("impl", ["xla", "cudnn"])
+@pytest.mark.parametrize("feature,kw", [
+    ("segment_ids", dict(segment_ids=jnp.ones((1, 8), jnp.int32))),
+    ("logit_soft_cap", dict(logit_soft_cap=20.0)),
+    ("sinks", dict(sinks=jnp.zeros((4,)))),
+])
+def test_dot_product_attention_impls_refuse_what_they_lack_by_name(impl, feature, kw):
+    # Asked for by name, an impl that lacks a feature is a ValueError naming both and the
+    # impls that have it (never a silent fallback); "auto" takes every feature.
+    q, k, v = rand_qkv(1, 8, 8, 4, 2, 8, seed=15)
+    with pytest.raises(ValueError, match=rf"impl='{impl}' cannot serve .*{feature}.*pallas_gpu"):
+        attention(q, k, v, causal=True, impl=impl, **kw)
+    attention(q, k, v, causal=True, impl="auto", **kw)
+
+
 # ------------------------------------------------------------------ api validation
 
 

@@ -174,6 +174,8 @@ def _binary_dir(tmp_path):
     ("bin_vocab", "holds token id 309, but model.vocab_size=256"),
     ("bin_vocab_no_sidecar", "holds token id 309, but model.vocab_size=256"),
     ("dropout_impl", "model.attention_impl='cudnn' has no attention dropout"),
+    ("cudnn_segments", "model.attention_impl='cudnn' .*cannot take segment_ids"),
+    ("xla_softcap", r"model.attention_impl='xla' .*has no \['logit_soft_cap'\]"),
 ])
 def test_bad_input_fails_before_compute_and_leaves_workdir(case, field, corpus, tmp_path,
                                                            guarded_workdir):
@@ -215,6 +217,10 @@ def test_bad_input_fails_before_compute_and_leaves_workdir(case, field, corpus, 
         cfg.data.source = path
     elif case == "dropout_impl":
         cfg.model.update(dropout=0.1, attention_impl="cudnn")
+    elif case == "cudnn_segments":                          # the loader's packed batches
+        cfg.model.attention_impl = "cudnn"
+    elif case == "xla_softcap":
+        cfg.model.update(attention_impl="xla", logit_soft_cap=30.0)
     with pytest.raises(ValueError, match=field):
         train_and_evaluate(cfg, guarded_workdir, progress=False)
 
