@@ -38,12 +38,14 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 import arch
 import data
 import optim
 import sharding
+from trainer import distributed
 from trainer.checkpoint import Checkpointer, abstract_like, init_from, train_state
 from trainer.config import ConfigError, check_config, check_data
 from trainer.mesh import device_batch, setup
@@ -108,6 +110,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     """
     cfg, t = config, config.train
     ds = load_and_check(cfg, workdir)            # nothing computed or written before this
+    distributed.barrier("checked")               # all have read the workdir before any writes
     mesh, rules = setup(cfg)
     model = arch.build_model(cfg.model, nnx.Rngs(params=cfg.seed, dropout=dropout_key(cfg.seed + 1)))
     tx = optim.build_optimizer(cfg.optim, nnx.state(model, nnx.Param), total_steps=t.steps)
@@ -116,7 +119,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     opts = StepOptions.from_config(cfg)
     loader = ds.train_loader(seed=cfg.seed, process_index=jax.process_index(),
                              process_count=jax.process_count())
-    rng = jax.random.key(cfg.seed)
+    # Replicated over the mesh: a checkpoint of several processes takes only global arrays.
+    rng = jax.jit(lambda: jax.random.key(cfg.seed), out_shardings=NamedSharding(mesh, PartitionSpec()))()
 
     start = 0
     state = train_state(model, optimizer, rng)
@@ -180,6 +184,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     speed = {"tokens_per_s": None, "mfu": None}
     timer_steps, timer = 0, None
     step, stopped = start, False
+    multi_process = jax.process_count() > 1
     try:
         with StopOnSignal() as stop, sharding.activate(mesh, rules):
             for step in range(start + 1, t.steps + 1):
@@ -192,12 +197,18 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                     timer_steps += 1
                 if stop_after is not None and step - start >= stop_after:
                     stop.request()
+                scheduled_save = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+                scheduled_log = step % t.log_every == 0
                 # Read the stop flag once per step: a signal that lands later in this step
                 # is handled at the next boundary, after this step's checkpoint decision.
                 stopping = stop.requested
+                if multi_process:  # a signal on one host stops all at the same step
+                    check = (step % t.stop_check_every == 0 or scheduled_save or scheduled_log
+                             or step == t.steps)
+                    stopping = check and distributed.any_process(stopping)
                 done = step == t.steps or stopping
-                saving = (t.checkpoint_every and step % t.checkpoint_every == 0) or done
-                logging_now = step % t.log_every == 0 or done
+                saving = scheduled_save or done
+                logging_now = scheduled_log or done
                 if logging_now or saving:
                     fetched = jax.device_get(pending)
                     # Never save (or go on) past a non-finite loss: the last checkpoint stays good.
@@ -302,7 +313,13 @@ def main(argv) -> None:
         # absl shows INFO under app.run, and orbax logs every save at INFO.
         logging.set_verbosity(logging.WARNING)
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               auto=_MULTIHOST.value)
+    except ValueError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress=jax.process_index() == 0)
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -318,5 +335,14 @@ if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "config file and variant, e.g. configs/llama3.py:tiny")
     _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints and metrics")
+    # Several processes (trainer/distributed.py): the same command on every host.
+    _COORDINATOR = flags.DEFINE_string(
+        "coordinator_address", None, "HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                          "processes in the run (or JAX_NUM_PROCESSES)")
+    _PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                       "this process, 0..N-1 (or JAX_PROCESS_ID)")
+    _MULTIHOST = flags.DEFINE_bool("multihost", False, "join the run of a cluster jax detects "
+                                   "(Slurm, Open MPI, Cloud TPU pods) without the flags above")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=parse_flags)

@@ -219,6 +219,9 @@ def get_base_config() -> mlc.ConfigDict:
         # Start from the weights of another train.py workdir's newest checkpoint (a new
         # run: step 0, fresh optimizer and data); its model fields must match.
         init_from=_str(),
+        # Several processes: every this many steps (and at log/checkpoint steps) they agree
+        # whether one of them got a stop signal, so that all save the same step and exit.
+        stop_check_every=10,
     ))
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1))
     return c

@@ -197,11 +197,15 @@ class Checkpointer:
 
     @staticmethod
     def _set_aside(path: str) -> str:
+        from trainer.distributed import barrier
         target, n = path + ".corrupt", 1
         while os.path.exists(target):
             n += 1
             target = f"{path}.corrupt{n}"
-        os.rename(path, target)
+        barrier("checkpoint_set_aside_name")   # every process has read the directory
+        if jax.process_index() == 0:           # one process moves it, for all
+            os.rename(path, target)
+        barrier("checkpoint_set_aside_done")
         return target
 
     def wait(self) -> None:

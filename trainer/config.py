@@ -41,7 +41,7 @@ def check_train_config(cfg) -> None:
     accum = _int_field(cfg, "grad_accum", 1)
     for name in ("eval_every", "checkpoint_every", "sample_tokens"):  # 0: only at the end / off
         _int_field(cfg, name, 0)
-    for name in ("eval_batches", "log_every", "keep_checkpoints"):
+    for name in ("eval_batches", "log_every", "keep_checkpoints", "stop_check_every"):
         _int_field(cfg, name, 1)
     if not isinstance(t.z_loss, (int, float)) or t.z_loss < 0:
         raise ValueError(f"train.z_loss={t.z_loss!r} must be a number >= 0")
