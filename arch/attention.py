@@ -86,7 +86,8 @@ class Attention(nnx.Module):
         validate_attention_config(cfg, kinds=tuple(cfg.layer_pattern) + (layer_kind,))
         self.cfg, self.kind, self.cross = cfg, layer_kind, cross
         h, hkv, dh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
-        kw = dict(rngs=rngs, std=cfg.init_std, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        kw = dict(rngs=rngs, std=cfg.init_std, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                  precision=cfg.get("matmul_precision", "bf16"))
         self.q = Linear(d, (h, dh), in_axes=("embed",), out_axes=("heads", "head_dim"), use_bias=cfg.attn_bias, **kw)
         self.k = Linear(d, (hkv, dh), in_axes=("embed",), out_axes=("kv_heads", "head_dim"), use_bias=cfg.attn_bias, **kw)
         self.v = Linear(d, (hkv, dh), in_axes=("embed",), out_axes=("kv_heads", "head_dim"), use_bias=cfg.attn_bias, **kw)

@@ -5,11 +5,15 @@ metadata; `sharding/rules.py` maps them to mesh axes. Layers never name mesh axe
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from arch.precision import check_precision
+from arch.precision import dot as precision_dot
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -65,9 +69,12 @@ class Linear(nnx.Module):
     """
 
     def __init__(self, in_shape, out_shape, *, in_axes, out_axes, rngs: nnx.Rngs,
-                 use_bias=False, std=0.02, dtype=jnp.float32, param_dtype=jnp.float32):
+                 use_bias=False, std=0.02, dtype=jnp.float32, param_dtype=jnp.float32,
+                 precision: str = "bf16"):
+        check_precision(precision)
         in_shape, out_shape = tuple(_as_tuple(in_shape)), tuple(_as_tuple(out_shape))
         self.in_ndim = len(in_shape)
+        self.precision = precision  # model.matmul_precision (arch/precision.py)
         self.kernel = param(rngs, in_shape + out_shape, tuple(in_axes) + tuple(out_axes),
                             std=std, dtype=param_dtype)
         self.bias = zeros_param(out_shape, out_axes, param_dtype) if use_bias else None
@@ -76,7 +83,13 @@ class Linear(nnx.Module):
     def __call__(self, x):
         w = self.kernel[...].astype(self.dtype)
         nin = self.in_ndim
-        y = jnp.tensordot(x.astype(self.dtype), w, axes=(tuple(range(x.ndim - nin, x.ndim)), tuple(range(nin))))
+        if self.precision != "bf16":  # FP8: one [K, N] matmul of the flattened dims
+            k = math.prod(w.shape[:nin])
+            y = precision_dot(x.astype(self.dtype).reshape(*x.shape[:x.ndim - nin], k),
+                    w.reshape(k, -1), self.precision)
+            y = y.reshape(*x.shape[:x.ndim - nin], *w.shape[nin:])
+        else:
+            y = jnp.tensordot(x.astype(self.dtype), w, axes=(tuple(range(x.ndim - nin, x.ndim)), tuple(range(nin))))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

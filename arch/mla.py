@@ -262,7 +262,8 @@ class MLAttention(nnx.Module):
 
         h, d = self.heads, self.d_model
         kw = dict(
-            rngs=rngs, std=cfg.init_std, dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype)
+            rngs=rngs, std=cfg.init_std, dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype),
+            precision=cfg.get("matmul_precision", "bf16"),
         )
         in_bias = dict(use_bias=cfg.attn_bias)
         if self.q_lora_rank is None:

@@ -33,7 +33,8 @@ class MLP(nnx.Module):
         self.act, self.gated = activation_fn(cfg.activation)
         d, f = cfg.d_model, (cfg.mlp_dim if mlp_dim is None else mlp_dim)
         kw = dict(rngs=rngs, use_bias=cfg.mlp_bias, std=cfg.init_std,
-                  dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+                  dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                  precision=cfg.get("matmul_precision", "bf16"))
         self.up = Linear(d, f, in_axes=("embed",), out_axes=("mlp",), **kw)
         self.gate = Linear(d, f, in_axes=("embed",), out_axes=("mlp",), **kw) if self.gated else None
         self.down = Linear(f, d, in_axes=("mlp",), out_axes=("embed",), **kw)

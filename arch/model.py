@@ -34,6 +34,7 @@ from arch.common import Linear, check_choice, dtype_of, logical_param
 from arch.dropout import check_dropout_config, make_dropout, residual_rate
 from arch.norms import make_norm
 from arch.positional import LearnedPositions, SinusoidalPositions
+from arch.precision import MATMUL_PRECISIONS
 
 KINDS = ("decoder", "encoder", "encoder_decoder")
 REMAT = ("none", "full", "dots_saveable")
@@ -46,6 +47,7 @@ _REMAT_POLICIES = {
 def validate_model_config(cfg) -> None:
     check_choice("model.kind", cfg.kind, KINDS)
     check_choice("model.remat", cfg.remat, REMAT)
+    check_choice("model.matmul_precision", cfg.get("matmul_precision", "bf16"), MATMUL_PRECISIONS)
     check_dropout_config(cfg)
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_seq_len"):
         value = cfg[field]

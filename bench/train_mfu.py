@@ -168,9 +168,11 @@ def run_model(name: str, args, data_kind: str = "random") -> dict:
         cfg = smoke(cfg)
     seq = min(args.seq, cfg.model.max_seq_len)
     cfg.model.attention_impl = args.attention
+    cfg.model.matmul_precision = getattr(args, "precision", "bf16")
     cfg.train.z_loss = 0.0
     total, active = arch.count_params(cfg.model)
-    row = {"model": name, "data": data_kind, "params": total, "batch": args.batch, "seq": seq}
+    row = {"model": name, "data": data_kind, "params": total, "batch": args.batch, "seq": seq,
+           "precision": cfg.model.matmul_precision}
     if data_kind == "train" and impl_lacks(args.attention, ["segment_ids"]):
         # train.py refuses this config before compute (trainer/config.py): so does the bench.
         return {**row, "remat": f"cannot run: {args.attention} has no segment ids", "step_s": None}
