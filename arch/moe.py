@@ -25,8 +25,10 @@ How the pieces split (expert parallelism in sharding/expert.py reuses them):
   `update_router_biases(model, aux)` -> aux-loss-free bias update for a whole model
 
 Config: `cfg.moe` (configs/base.py `moe_defaults()`); `cfg.moe.dispatch` picks the path:
-"dropless" (sort + ragged_dot), "capacity" (fixed [E, C, D] buffers, token dropping at
-`capacity_factor`), "dense" (the reference). Example:
+"dropless" (sort + grouped matmuls), "capacity" (fixed [E, C, D] buffers, token dropping at
+`capacity_factor`), "dense" (the reference). `cfg.moe.gmm_impl` picks the dropless path's
+grouped matmul (pallas_kernels/grouped_matmul: "auto" = the platform's Pallas kernel,
+jax.lax.ragged_dot on CPU). Example:
 
     import jax.numpy as jnp
     from flax import nnx
@@ -49,6 +51,7 @@ from flax import nnx
 from arch.common import Linear, check_choice, dtype_of, logical_param, param
 from arch.mlp import MLP, activation_fn
 from arch.moe_dispatch import ExpertWeights, expert_capacity
+from pallas_kernels.grouped_matmul import IMPLS as GMM_IMPLS
 
 # Expert-parallel dispatch (all_to_all over the `expert` mesh axis) when sharding.activate()
 # is in effect; otherwise these are the single-device functions of arch.moe_dispatch.
@@ -76,6 +79,7 @@ def validate_moe_config(m) -> None:
         raise ValueError(f"moe.top_k={k} must be <= topk_group * experts per group = {kg * (e // g)}")
     check_choice("moe.score_func", m.score_func, SCORE_FUNCS)
     check_choice("moe.dispatch", m.dispatch, DISPATCHES)
+    check_choice("model.moe.gmm_impl", m.get("gmm_impl", "auto"), GMM_IMPLS)
     check_choice("moe.aux_loss_granularity", m.get("aux_loss_granularity", "batch"),
                  AUX_LOSS_GRANULARITIES)
     cf = m.capacity_factor
@@ -250,6 +254,7 @@ class MoE(nnx.Module):
         self.aux_loss_coef, self.z_loss_coef = float(m.aux_loss_coef), float(m.z_loss_coef)
         self.aux_loss_granularity = m.get("aux_loss_granularity", "batch")
         self.dispatch, self.capacity_factor = m.dispatch, m.capacity_factor
+        self.gmm_impl = m.get("gmm_impl", "auto")  # the dropless path's grouped matmul
         self.bias_update_rate = float(m.bias_update_rate)
         self.dtype = dtype_of(cfg.dtype)
         pdt = dtype_of(cfg.param_dtype)
@@ -295,7 +300,7 @@ class MoE(nnx.Module):
 
         dropped = jnp.zeros((), jnp.float32)
         if self.dispatch == "dropless":
-            y = dropless_moe(xf, r.experts, r.weights, w, self.act)
+            y = dropless_moe(xf, r.experts, r.weights, w, self.act, gmm_impl=self.gmm_impl)
         elif self.dispatch == "dense":
             y = moe_dense_reference(xf, r.experts, r.weights, w, self.act)
         else:

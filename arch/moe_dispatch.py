@@ -6,9 +6,11 @@ are `N * K` of them. This file runs the experts on their assignments without eve
 forming a dense `[tokens, experts, d]` tensor:
 
   dropless  (MegaBlocks, Gale et al. 2022): sort the assignments by expert, run each
-            expert on its contiguous group with `jax.lax.ragged_dot(group_sizes)`,
-            un-sort, and sum the K outputs of a token weighted by the router. No token
-            is ever dropped; the work is exactly N*K expert-token products.
+            expert on its contiguous group with a grouped matmul
+            (`pallas_kernels.grouped_matmul.gmm`, `jax.lax.ragged_dot`'s semantics; the
+            impl is `model.moe.gmm_impl`), un-sort, and sum the K outputs of a token
+            weighted by the router. No token is ever dropped; the work is exactly
+            N*K expert-token products.
   capacity  (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021): each expert
             has a fixed buffer of C slots, `C = ceil(capacity_factor * N * K / E)`;
             assignments are scattered into an `[E, C, D]` buffer, the experts run as
@@ -38,6 +40,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.grouped_matmul import gmm
+
 
 class ExpertWeights(NamedTuple):
     """Stacked expert weights. `w_gate` is None for non-gated activations."""
@@ -47,7 +51,8 @@ class ExpertWeights(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- experts
-def expert_ffn_grouped(x_sorted, group_sizes, w: ExpertWeights, act: Callable):
+def expert_ffn_grouped(x_sorted, group_sizes, w: ExpertWeights, act: Callable, *,
+                       gmm_impl: str = "auto"):
     """Each expert's MLP on its contiguous rows: rows [start_e, start_e + group_sizes[e]).
 
     Args:
@@ -56,16 +61,22 @@ def expert_ffn_grouped(x_sorted, group_sizes, w: ExpertWeights, act: Callable):
       group_sizes: [E] int32 rows per expert.
       w: stacked weights, cast to x's dtype.
       act: activation; gated (w.w_gate given) computes act(x W_gate) * (x W_up).
+      gmm_impl: the grouped matmul's impl (pallas_kernels.grouped_matmul: "auto" is the
+        platform's Pallas kernel, ragged_dot on CPU).
     Returns:
       [M, D] in x's dtype.
     """
     dt = x_sorted.dtype
-    h = jax.lax.ragged_dot(x_sorted, w.w_up.astype(dt), group_sizes)  # [M, F]
     if w.w_gate is not None:
-        h = act(jax.lax.ragged_dot(x_sorted, w.w_gate.astype(dt), group_sizes)) * h
+        # Gate and up projections as one grouped matmul over [W_gate | W_up]: the same
+        # columns, so the same numbers, from one pass over the rows.
+        f = w.w_up.shape[-1]
+        w_in = jnp.concatenate([w.w_gate, w.w_up], axis=-1).astype(dt)   # [E, D, 2F]
+        gate_up = gmm(x_sorted, w_in, group_sizes, impl=gmm_impl)        # [M, 2F]
+        h = act(gate_up[:, :f]) * gate_up[:, f:]                         # [M, F]
     else:
-        h = act(h)
-    return jax.lax.ragged_dot(h, w.w_down.astype(dt), group_sizes)  # [M, D]
+        h = act(gmm(x_sorted, w.w_up.astype(dt), group_sizes, impl=gmm_impl))  # [M, F]
+    return gmm(h, w.w_down.astype(dt), group_sizes, impl=gmm_impl)      # [M, D]
 
 
 def expert_ffn_buffered(buf, w: ExpertWeights, act: Callable):
@@ -105,19 +116,21 @@ def sort_by_expert(experts, num_experts: int):
     return order, group_sizes
 
 
-def dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable):
-    """Dropless MoE: sort by expert, ragged matmuls, un-sort, weighted sum.
+def dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *,
+                 gmm_impl: str = "auto"):
+    """Dropless MoE: sort by expert, grouped matmuls, un-sort, weighted sum.
 
     Args:
       x: [N, D] tokens.
       experts: [N, K] int32 chosen experts; weights: [N, K] combine weights.
+      gmm_impl: the grouped matmul's impl (see `expert_ffn_grouped`).
     Returns:
       [N, D] = sum_k weights[n, k] * FFN_{experts[n, k]}(x[n]).
     """
     n, k = experts.shape
     order, group_sizes = sort_by_expert(experts, w.w_up.shape[0])
     x_sorted = x[order // k]                                    # [N*K, D] grouped by expert
-    y_sorted = expert_ffn_grouped(x_sorted, group_sizes, w, act)  # [N*K, D]
+    y_sorted = expert_ffn_grouped(x_sorted, group_sizes, w, act, gmm_impl=gmm_impl)  # [N*K, D]
     # Un-sort: assignment order[i] gets row i. Argsort of a permutation is its inverse.
     y_assign = y_sorted[jnp.argsort(order)]                      # [N*K, D] token-major
     return combine(y_assign.reshape(n, k, -1), weights)          # [N, D]

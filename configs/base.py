@@ -163,7 +163,8 @@ def moe_defaults() -> mlc.ConfigDict:
         z_loss_coef=0.0,             # router z-loss coefficient
         bias_update_rate=0.0,        # aux-loss-free balancing rate u (0 = off)
         capacity_factor=_float(),    # None: dropless; float: token dropping at capacity
-        dispatch="dropless",         # dropless (sort + ragged_dot) | capacity | dense (reference)
+        dispatch="dropless",         # dropless (sort + grouped matmul) | capacity | dense (reference)
+        gmm_impl="auto",             # dropless experts: auto | pallas_gpu | pallas_tpu | ragged_dot | reference
         first_k_dense=0,             # first k layers use a dense MLP (DeepSeek-V3: 3)
         every=1,                     # MoE every n-th layer, others dense (Llama 4 Maverick: 2)
         dense_mlp_dim=_int(),        # hidden width of the dense layers (None: model.mlp_dim)

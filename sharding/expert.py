@@ -8,7 +8,7 @@ group each hold `E / EP` experts and their own tokens. For one MoE layer, inside
   1. routes its tokens (arch/moe.py `route`, done by the caller): experts [n, K], weights [n, K]
   2. packs its assignments into one fixed-size buffer per destination device   [EP, M, D]
   3. `all_to_all` over `expert`: now holds the tokens of its own experts, from every source
-  4. runs its experts (batched einsum on [E/EP, EP*C, D] buffers, or ragged_dot)
+  4. runs its experts (batched einsum on [E/EP, EP*C, D] buffers, or grouped matmuls)
   5. `all_to_all` back, unpacks, and sums each token's K outputs weighted by the router
 
 Two paths, the same maths as arch/moe_dispatch.py (whose pieces they reuse):
@@ -26,7 +26,9 @@ Two paths, the same maths as arch/moe_dispatch.py (whose pieces they reuse):
             destination gets a buffer of the largest possible share, n * min(K, E/EP)
             rows (jax.lax.ragged_all_to_all would send only the real rows, but XLA:CPU
             does not implement it). The receiver sorts its rows by local expert and
-            runs jax.lax.ragged_dot.
+            runs the grouped matmuls of arch.moe_dispatch.expert_ffn_grouped
+            (pallas_kernels.grouped_matmul.gmm, impl `gmm_impl`); the padding rows
+            sort last, past every group, and come back as 0.
 
 The tensor axis, when > 1, splits each expert's hidden (`mlp`) dim (Megatron inside the
 expert); the partial down-projections are summed with psum.
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Callable
 
@@ -92,12 +95,12 @@ def expert_mesh():
 
 
 # ----------------------------------------------------------------------------- hooks
-def dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable):
+def dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, gmm_impl: str = "auto"):
     """arch.moe_dispatch.dropless_moe, expert-parallel when an expert mesh is active."""
     mesh = expert_mesh()
     if mesh is None:
-        return _dropless_moe_local(x, experts, weights, w, act)
-    return ep_dropless_moe(x, experts, weights, w, act, mesh=mesh)
+        return _dropless_moe_local(x, experts, weights, w, act, gmm_impl=gmm_impl)
+    return ep_dropless_moe(x, experts, weights, w, act, mesh=mesh, gmm_impl=gmm_impl)
 
 
 def capacity_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, capacity: int, valid=None):
@@ -240,11 +243,13 @@ def _global_capacity_slots(experts, valid, num_experts: int, capacity: int, c_pa
 
 
 # ----------------------------------------------------------------------------- dropless
-def ep_dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, mesh):
+def ep_dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, mesh,
+                    gmm_impl: str = "auto"):
     """Dropless MoE with experts split over the mesh's `expert` axis (padded all_to_all).
 
     Args:
       x: [N, D]; experts, weights: [N, K] (distinct experts per token); w: [E, ...] weights.
+      gmm_impl: the grouped matmul's impl (arch.moe_dispatch.expert_ffn_grouped).
     Returns:
       [N, D] = sum_k weights[n, k] * FFN_{experts[n, k]}(x[n]), as arch.moe_dispatch.dropless_moe.
     """
@@ -272,7 +277,8 @@ def ep_dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, mes
         # Group the received rows by local expert; padding (id E_loc) sorts last, in no group.
         order2 = jnp.argsort(rids, stable=True)
         group_sizes = jnp.zeros((e_loc,), jnp.int32).at[rids].add(1, mode="drop")
-        out = _run_experts(expert_ffn_grouped, tensor)(recv[order2], group_sizes, w, act)  # [EP*M, D]
+        ffn = functools.partial(expert_ffn_grouped, gmm_impl=gmm_impl)
+        out = _run_experts(ffn, tensor)(recv[order2], group_sizes, w, act)  # [EP*M, D]
         out = out[jnp.argsort(order2)]                                    # back to arrival order
         back = jax.lax.all_to_all(out.reshape(ep, m, d), "expert", 0, 0, tiled=True).reshape(ep * m, d)
         y_sorted = back[row]                                              # [n*K, D] expert order

@@ -234,9 +234,15 @@ def test_dropless_bf16_close_to_f32_reference():
     chex.assert_trees_all_close(y16.astype(jnp.float32), y_ref, atol=3e-2 * scale, rtol=0)
 
 
-def test_module_dropless_equals_dense_values_and_grads():
-    """Same params, two dispatch paths: outputs and gradients wrt x and all params."""
-    fast, ref = make_moe(0, dispatch="dropless"), make_moe(0, dispatch="dense")
+@pytest.mark.parametrize("gmm_impl", ["auto", "pallas_gpu"])
+def test_module_dropless_equals_dense_values_and_grads(gmm_impl):
+    """Same params, two dispatch paths: outputs and gradients wrt x and all params.
+
+    gmm_impl="pallas_gpu" runs the Triton grouped-matmul kernels (forward, and the
+    backward's transposed gmm and tgmm) in interpret mode, picked by the kernel on CPU.
+    """
+    fast = make_moe(0, dispatch="dropless", gmm_impl=gmm_impl)
+    ref = make_moe(0, dispatch="dense")
     x = jax.random.normal(jax.random.key(10), (2, 7, 16))
     seg = jnp.array([[1, 1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
 
@@ -449,6 +455,7 @@ def test_update_router_biases_walks_model_layers():
     (dict(dispatch="dropless", capacity_factor=1.25), "capacity_factor"),
     (dict(num_experts=0), "num_experts"),
     (dict(aux_loss_granularity="token"), "aux_loss_granularity"),
+    (dict(gmm_impl="triton"), "gmm_impl"),
 ])
 def test_bad_config_raises(overrides, field):
     with pytest.raises(ValueError, match=f"moe.{field}"):
