@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/grouped_matmul.py --out bench/results/grouped_matmul.md   # GPU
     PYTHONPATH=. python bench/grouped_matmul.py --cases "64 experts" --dists balanced
+    PYTHONPATH=. python bench/grouped_matmul.py --sweep --cases Mixtral   # tune gpu.Tiles
     PYTHONPATH=. python bench/grouped_matmul.py --smoke        # tiny shapes: checks the script on CPU
 
 The MoE expert matmul: lhs [M, K] rows sorted by expert, rhs [G, K, N] expert weights,
@@ -219,10 +220,42 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def _variants():
+    """gpu.Tiles to try: (block_m, block_k, block_n), warps, stages, L2 band (group_m)."""
+    base = gpu.Tiles()
+    rep = functools.partial(dataclasses.replace, base)
+    return {
+        "default": base,
+        "w8 s3": rep(num_warps=8, num_stages=3),
+        "128x128x128 w8 s3": rep(block_k=128, num_warps=8, num_stages=3),
+        "64x64x128 w4 s4": rep(block_m=64),
+        "128x64x256 w8 s3": rep(block_n=256, num_warps=8, num_stages=3),
+        "256x64x128 w8 s3": rep(block_m=256, num_warps=8, num_stages=3),
+        "128x32x128 w4 s5": rep(block_k=32, num_stages=5),
+        "group_m 1": rep(group_m=1),
+        "group_m 16": rep(group_m=16),
+    }
+
+
+def sweep(cases, dists, reps):
+    """Our kernel's TFLOP/s under each of `_variants()` (fwd: the gmm; f+b: gmm + its vjp,
+    where the same tiles serve the transposed gmm and the tgmm)."""
+    for case in cases:
+        lhs, rhs, dout = _inputs(case)
+        for dist in dists:
+            gs = jnp.asarray(group_sizes(case.m, case.groups, dist))
+            for name, tiles in _variants().items():
+                t_f, t_fb = measure(_ours(tiles), lhs, rhs, gs, dout, reps=reps)
+                print(f"{case.name} {dist} {name:20s} fwd {_fmt(_tflops(case.flops_fwd(), t_f))} "
+                      f"TF/s  fwd+bwd {_fmt(_tflops(3 * case.flops_fwd(), t_fb))} TF/s  {tiles}",
+                      flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on CPU "
                    "(the kernel in interpret mode)")
+    p.add_argument("--sweep", action="store_true", help="our kernel under several gpu.Tiles")
     p.add_argument("--cases", default=None, help="comma list of case names (default: all)")
     p.add_argument("--dists", default=",".join(DISTS), help=f"comma list of {DISTS}")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
@@ -243,7 +276,11 @@ def main(argv=None):
         raise ValueError(f"--dists={args.dists!r} must be a comma list of {DISTS}")
     device = jax.devices()[0].device_kind
     print(f"jax {jax.__version__}, device: {device}, tiles: {gpu.Tiles()}", flush=True)
-    rows = run_cases(cases, dists, reps=1 if args.smoke else args.reps)
+    reps = 1 if args.smoke else args.reps
+    if args.sweep:
+        sweep(cases, dists, reps)
+        return
+    rows = run_cases(cases, dists, reps=reps)
     text = table(rows)
     print(text)
     if args.json:
