@@ -163,8 +163,10 @@ def _gmm_kernel(meta_ref, lhs_ref, rhs_ref, out_ref, *, cfg: _Config, num_items:
         b = _load(rhs_ref.at[g, pl.ds(k0, bk), col_span], _both(k_ok, col_ok, (bk, bn)))
         return acc + plgpu.dot(a, b)
 
-    steps = jnp.where(group >= 0, cfg.k_tiles, 0)
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bm, bn), jnp.float32))
+    # Bounds of one integer type: Triton's scf.for refuses mixed ones (a weak Python int
+    # beside a loaded int32).
+    steps = jnp.where(group >= 0, jnp.int32(cfg.k_tiles), jnp.int32(0)).astype(jnp.int32)
+    acc = jax.lax.fori_loop(jnp.int32(0), steps, body, jnp.zeros((bm, bn), jnp.float32))
     mine = (rows >= lo) & (rows < hi)  # this group's rows only (a padding item: none)
     plgpu.store(out_ref.at[row_span, col_span], acc.astype(out_ref.dtype),
                 mask=_both(mine, col_ok, (bm, bn)))
@@ -229,8 +231,8 @@ def _tgmm_kernel(bounds_ref, lhs_ref, dout_ref, out_ref, *, cfg: _Config):
         b = _load(dout_ref.at[pl.ds(r0, bm), n_span], _both(row_ok, n_ok, (bm, bn)))
         return acc + plgpu.dot(a, b, trans_a=True)
 
-    steps = (hi - lo + bm - 1) // bm  # 0 for an empty group: its tile is stored as zeros
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((bk, bn), jnp.float32))
+    steps = ((hi - lo + bm - 1) // bm).astype(jnp.int32)  # 0 for an empty group: zeros
+    acc = jax.lax.fori_loop(jnp.int32(0), steps, body, jnp.zeros((bk, bn), jnp.float32))
     plgpu.store(out_ref.at[k_span, n_span], acc.astype(out_ref.dtype),
                 mask=_both(k_ok, n_ok, (bk, bn)))
 
