@@ -37,7 +37,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from arch.hf_config import from_hf, to_hf
+from arch.hf_config import fp8_block_size, from_hf, to_hf
 from arch.hf_names import Entry, canonical_name, tensor_entries
 from arch.model import build_model
 
@@ -80,6 +80,23 @@ def _read_raw(file: str, name: str, dtype) -> np.ndarray:
 def _get(handle, file: str, name: str) -> np.ndarray:
     dt = handle.get_slice(name).get_dtype()
     return _read_raw(file, name, _RAW_DTYPES[dt]) if dt in _RAW_DTYPES else handle.get_tensor(name)
+
+
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3 / Kimi K2 FP8: `X.weight` beside `X.weight_scale_inv`
+
+
+def dequantize_fp8_blocks(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int],
+                          name: str = "weight") -> np.ndarray:
+    """float32 weight of an FP8 checkpoint tensor: each `block` of `weight` (E4M3) times its
+    entry of `scale_inv` [ceil(rows/b0), ceil(cols/b1)] (DeepSeek-V3's weight_dequant; the
+    last blocks may be partial)."""
+    rows, cols = weight.shape
+    want = (-(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"tensor {name + SCALE_SUFFIX!r} has shape {tuple(scale_inv.shape)}, "
+                         f"expected {want} for {name!r} {weight.shape} in {block} blocks")
+    scale = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), block[0], 0), block[1], 1)
+    return weight.astype(np.float32) * scale[:rows, :cols]
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -159,8 +176,15 @@ def load(path: str, *, dtype=jnp.float32):
 
     # Check names and shapes of the whole checkpoint before reading any data.
     files = checkpoint_files(path)
+    block = fp8_block_size(hf_cfg)
+    scales = {n[:-len(SCALE_SUFFIX)]: n for n in files if block and n.endswith(SCALE_SUFFIX)}
+    for weight_name, scale_name in scales.items():
+        if weight_name not in files:
+            raise ValueError(f"unexpected tensor {scale_name!r}: the checkpoint has no {weight_name!r}")
     canonical = {}
     for name in files:
+        if name in scales.values():
+            continue  # read with its weight
         c = canonical_name(name, m, hf_cfg)
         if c is None:
             continue
@@ -188,6 +212,14 @@ def load(path: str, *, dtype=jnp.float32):
         with safe_open(file, framework="numpy") as f:
             for c, name in sorted(names):
                 tensor = _get(f, file, name)
+                if tensor.dtype == ml_dtypes.float8_e4m3fn:
+                    if name not in scales:
+                        raise ValueError(f"tensor {name!r} is FP8 but the checkpoint has no "
+                                         f"{name + SCALE_SUFFIX!r} (or config.json no "
+                                         "quantization_config) to dequantise it")
+                    with safe_open(files[scales[name]], framework="numpy") as g:
+                        scale = _get(g, files[scales[name]], scales[name])
+                    tensor = dequantize_fp8_blocks(tensor, scale, block, name)
                 for e in by_name[c]:
                     piece = tensor
                     if e.split is not None:

@@ -273,10 +273,24 @@ def _smollm3(hf, m) -> None:
     m.layer_pattern = _period(kinds)
 
 
+def fp8_block_size(hf: dict) -> tuple[int, int] | None:
+    """(rows, cols) of the weight blocks of an FP8 checkpoint (DeepSeek-V3, Kimi K2), or
+    None for an unquantised one; ValueError for a quantisation we cannot read."""
+    qc = hf.get("quantization_config")
+    if not qc:
+        return None
+    if qc.get("quant_method") != "fp8" or qc.get("fmt", "e4m3") != "e4m3":
+        _fail("quantization_config", {k: qc.get(k) for k in ("quant_method", "fmt")},
+              "none, or quant_method 'fp8' with fmt 'e4m3' and weight_block_size (DeepSeek-V3)")
+    block = qc.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(b, int) and b > 0 for b in block)):
+        _fail("quantization_config.weight_block_size", block, "two positive ints, e.g. [128, 128]")
+    return tuple(block)
+
+
 def _deepseek_v3(hf, m) -> None:
-    if hf.get("quantization_config"):
-        _fail("quantization_config", hf["quantization_config"].get("quant_method"),
-              "none (dequantise FP8 checkpoints to bf16 first)")
+    fp8_block_size(hf)  # FP8 weights are dequantised on load (arch/hf.py); others refused
     hf = dict(hf, intermediate_size=hf.get("intermediate_size"))
     m.vocab_size = int(hf["vocab_size"])
     m.d_model = int(hf["hidden_size"])

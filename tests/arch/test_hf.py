@@ -213,3 +213,77 @@ def test_export_rejects_what_hf_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="model.qk_norm=True cannot be expressed in a llama"):
         hf.save(model, cfg, tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")  # nothing written
+
+
+# ------------------------------------------------------------------ FP8 checkpoints
+
+
+def test_dequantize_fp8_blocks_by_hand():
+    # 130 x 260 in 128 x 128 blocks: 2 x 3 scales, the last row and column blocks partial.
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(130, 260)).astype(ml_dtypes.float8_e4m3fn)
+    scale_inv = np.array([[1.0, 2.0, 3.0], [0.5, 0.25, 4.0]], np.float32)
+    want = np.empty((130, 260), np.float32)
+    for i in range(130):
+        for j in range(260):
+            want[i, j] = float(w[i, j]) * scale_inv[i // 128, j // 128]
+    np.testing.assert_array_equal(hf.dequantize_fp8_blocks(w, scale_inv, (128, 128)), want)
+    with pytest.raises(ValueError, match=r"'w_scale_inv' has shape \(2, 2\), expected \(2, 3\)"):
+        hf.dequantize_fp8_blocks(w, scale_inv[:, :2], (128, 128), "w")
+
+
+def _quantize_blocks(w, block):
+    """DeepSeek-V3's layout, written independently: E4M3 weight and per-block scale_inv."""
+    rows, cols = w.shape
+    nb = (-(-rows // block[0]), -(-cols // block[1]))
+    scale_inv = np.zeros(nb, np.float32)
+    q = np.zeros(w.shape, ml_dtypes.float8_e4m3fn)
+    for i in range(nb[0]):
+        for j in range(nb[1]):
+            part = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]]
+            s = max(float(np.abs(part).max()), 1e-12) / 448.0
+            scale_inv[i, j] = s
+            q[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]] = (part / s).astype(
+                ml_dtypes.float8_e4m3fn)
+    return q, scale_inv
+
+
+def test_fp8_deepseek_checkpoint_loads_as_its_dequantised_weights(tmp_path):
+    block = (16, 16)
+    fp8 = _copy("deepseek_v3", tmp_path / "fp8")
+    plain = _copy("deepseek_v3", tmp_path / "plain")
+    tensors = _tensors(fp8)
+    quantised, dequantised = dict(tensors), dict(tensors)
+    names = [n for n in tensors if n.endswith("proj.weight") and tensors[n].ndim == 2]
+    assert len(names) > 10
+    for n in names:
+        q, s = _quantize_blocks(tensors[n], block)
+        quantised[n], quantised[n + "_scale_inv"] = q, s
+        dequantised[n] = (q.astype(np.float32) * np.kron(s, np.ones(block, np.float32))[
+            :q.shape[0], :q.shape[1]])
+    config = dict(_config("deepseek_v3"), quantization_config={
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": list(block)})
+    _rewrite(fp8, quantised, config)
+    _rewrite(plain, dequantised)
+    got, want = _params(hf.load(fp8)[0]), _params(hf.load(plain)[0])
+    assert got.keys() == want.keys()
+    for p in want:
+        np.testing.assert_array_equal(got[p], want[p], err_msg=str(p))
+    # The quantised model still computes nearly the reference logits (on average: E4M3
+    # rounding flips a few tokens' expert choices, which moves those tokens' logits).
+    model, _ = hf.load(fp8)
+    ids = np.load(os.path.join(FIXTURES, "deepseek_v3", "input_ids.npy"))
+    ref = np.load(os.path.join(FIXTURES, "deepseek_v3", "logits.npy"))
+    err = np.abs(np.asarray(_forward(model, jnp.asarray(ids))) - ref)
+    assert err.mean() < 0.25 * np.abs(ref).mean()  # measured 0.12; a wrong load: ~1
+
+    # A weight without its scale, and a quantisation we cannot read, are refused by name.
+    del quantised[names[0] + "_scale_inv"]
+    _rewrite(fp8, quantised)
+    with pytest.raises(ValueError, match=rf"tensor '{names[0]}' is FP8 but the checkpoint has no"):
+        hf.load(fp8)
+    config["quantization_config"]["quant_method"] = "gptq"
+    _rewrite(fp8, config=config)
+    with pytest.raises(ValueError, match="quantization_config=.*'gptq'"):
+        hf.load(fp8)
