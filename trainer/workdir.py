@@ -24,7 +24,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 # Model fields that change speed or numerics, not the parameters or the function.
 EXECUTION_FIELDS = ("model.attention_impl", "model.remat", "model.dtype",
-                    "model.track_max_logits", "model.moe.dispatch")
+                    "model.track_max_logits", "model.moe.dispatch", "model.moe.gmm_impl",
+                    "model.matmul_precision")
 # Outside `model`: what fixes the optimizer state's layout and the data stream.
 RUN_FIELDS = ("optim.name", "seed", "data.source", "data.val_source", "data.val_fraction",
               "data.tokenizer", "data.seq_len")
@@ -58,6 +59,17 @@ def read_config(workdir: str) -> dict | None:
                          "repair it or use a new --workdir") from e
 
 
+def _defaults() -> dict:
+    """Flat defaults of every declared field, the optional sections' (mla, moe) included."""
+    import configs.base as base
+    cfg = as_plain(base.get_base_config())
+    for name in ("mla", "moe", "ssm"):
+        make = getattr(base, f"{name}_defaults", None)
+        if make is not None:
+            cfg["model"][name] = as_plain(make())
+    return _flatten(cfg)
+
+
 def structural_differences(saved: dict, cfg, *, model_only: bool = False) -> list[str]:
     """'field: saved -> now' for every compared field that differs.
 
@@ -72,9 +84,13 @@ def structural_differences(saved: dict, cfg, *, model_only: bool = False) -> lis
         keys = sorted(k for k in old.keys() | new.keys()
                       if (k.startswith("model.") and k not in EXECUTION_FIELDS) or k in RUN_FIELDS)
     missing = object()
+    defaults = _defaults()
     diffs = []
     for k in keys:
         a, b = old.get(k, missing), new.get(k, missing)
+        # A field added to the code after the run started reads as its default.
+        a = defaults.get(k, missing) if a is missing else a
+        b = defaults.get(k, missing) if b is missing else b
         if a != b:
             shown = ["(absent)" if x is missing else repr(x) for x in (a, b)]
             diffs.append(f"{k}: {shown[0]} -> {shown[1]}")

@@ -1,6 +1,7 @@
 """A workdir belongs to one run: a changed config is refused before compute and nothing
 in the workdir moves; init_from starts a new run from an old run's weights; a
 non-finite loss stops without saving over the last good checkpoint."""
+import json
 import os
 import shutil
 
@@ -127,3 +128,17 @@ def test_non_finite_loss_stops_without_saving(corpus, tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLoss, match="at step 3.*last good checkpoint: step 2"):
         train_and_evaluate(tiny_config(corpus, steps=6, log_every=4), workdir, progress=False)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+def test_a_field_added_since_the_run_started_reads_as_its_default(corpus, tmp_path):
+    # An old config.json lacks fields the code has since gained (here: model.matmul_precision
+    # and the MoE impl); at their defaults they are no difference, at another value they are.
+    from trainer.workdir import structural_differences
+    cfg = tiny_config(corpus)
+    saved = json.loads(cfg.to_json_best_effort())
+    del saved["model"]["matmul_precision"]
+    assert structural_differences(saved, cfg) == []
+    cfg.model.qk_norm = not cfg.model.qk_norm
+    del saved["model"]["qk_norm"]
+    assert structural_differences(saved, cfg) == [f"model.qk_norm: {not cfg.model.qk_norm!r} -> "
+                                                  f"{cfg.model.qk_norm!r}"]
