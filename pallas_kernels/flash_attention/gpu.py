@@ -16,10 +16,11 @@ the kept probabilities by 1 / (1 - rate) in P @ V only (the log-sum-exp is the u
 softmax's); the backward applies the mask to dV = Pdᵀ dO and dP = dO Vᵀ, and
 ds = p * (dp - delta) holds unchanged because o already carries the dropout.
 
-On a Hopper GPU (H100/H200, compiled) the common training calls — full or causal, bf16/f16,
-head dims 64/128 (256 forward only), no padding, no dropout — go instead to the warp-specialised
-Mosaic GPU kernels of gpu_hopper.py (forward) and gpu_hopper_bwd.py (backward), about 1.3x
-faster than these Triton kernels there; `BlockSizes.forward` / `.backward` choose.
+On a Hopper GPU (H100/H200, compiled) the common training calls — full or causal, with or
+without segment ids (packed documents), bf16/f16, head dims 64/128 (256 forward only), no
+padding, no dropout — go instead to the warp-specialised Mosaic GPU kernels of gpu_hopper.py
+(forward) and gpu_hopper_bwd.py (backward), about 1.3x faster than these Triton kernels
+there; `BlockSizes.forward` / `.backward` choose.
 
     import jax, jax.numpy as jnp
     from pallas_kernels.flash_attention import gpu
@@ -533,7 +534,7 @@ def _flash_fwd(q, k, v, sinks, masks, cfg: _Config):
     q_pos, kv_pos, q_seg, kv_seg, spans_fwd, _, _, seed = masks
     if cfg.hopper is not None:
         o, lse = gpu_hopper.forward(q, k, v, causal=cfg.causal, sm_scale=cfg.sm_scale,
-                                    blocks=cfg.hopper)
+                                    blocks=cfg.hopper, segment_ids=_hopper_segments(cfg, masks))
     else:
         o, lse = _fwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, seed, spans_fwd, cfg)
     return (o, lse), (q, k, v, sinks, masks, o, lse)
@@ -550,7 +551,8 @@ def _flash_bwd(cfg: _Config, res, cotangents):
     delta = delta - dlse
     if cfg.hopper_bwd is not None:
         dq, dk, dv = gpu_hopper_bwd.backward(q, k, v, do, lse, delta, causal=cfg.causal,
-                                             sm_scale=cfg.sm_scale, blocks=cfg.hopper_bwd)
+                                             sm_scale=cfg.sm_scale, blocks=cfg.hopper_bwd,
+                                             segment_ids=_hopper_segments(cfg, masks))
         return dq, dk, dv, None, None
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)  # empty rows: p = 0
     dq, dk, dv = _bwd_call(q, k, v, q_pos, kv_pos, q_seg, kv_seg, do.astype(q.dtype), lse2,
@@ -563,6 +565,14 @@ def _flash_bwd(cfg: _Config, res, cotangents):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _hopper_segments(cfg: _Config, masks):
+    """The (q_seg, kv_seg) pair for the Hopper kernels, or None (their static switch).
+
+    They run only on unpadded calls, so the padded ids of `masks` are the caller's.
+    """
+    return (masks[2], masks[3]) if cfg.has_segments else None
 
 
 # ----------------------------------------------------------------------------- public API

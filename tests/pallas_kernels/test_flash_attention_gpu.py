@@ -295,8 +295,105 @@ def test_hopper_matches_triton_forward():
     chex.assert_trees_all_close(lse_h, lse_t, atol=1e-3)
 
 
+def _packed(b, t, docs, seed, padding=True):
+    """[b, t] int32 segment ids of `docs` packed documents per row of random lengths (ids
+    1..docs), the last `padding` stretch (a random one) marked 0, as data/ packs them."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, t), docs - 1 + padding, replace=False))
+        ids = np.searchsorted(cuts, np.arange(t), side="right") + 1
+        if padding:
+            ids[ids == docs + 1] = 0
+        rows.append(ids)
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="compiled Mosaic GPU kernel: runs on a Hopper GPU")
+@pytest.mark.parametrize("d, causal, h, hkv, t, docs, dtype", [
+    (128, True, 8, 2, 1024, 4, jnp.bfloat16),
+    (128, False, 4, 4, 512, 3, jnp.bfloat16),
+    (128, True, 4, 1, 2048, 16, jnp.float16),
+    (64, True, 4, 1, 768, 4, jnp.bfloat16),
+    (64, False, 8, 2, 512, 5, jnp.bfloat16),
+    (256, True, 4, 2, 384, 3, jnp.bfloat16),
+    (256, False, 2, 2, 256, 2, jnp.float16),
+])
+def test_hopper_segments_forward_and_gradients(d, causal, h, hkv, t, docs, dtype):
+    """Packed documents (padding 0 at the end of each row) through the Hopper kernels
+    (forward="hopper" raises if they do not take the call; Triton backward at D=256)."""
+    blocks = dataclasses.replace(gpu.BlockSizes.get_default(d), forward="hopper",
+                                 backward="hopper" if d <= 128 else "split")
+    seg = _packed(2, t, docs, seed=t + d)
+    _check(dict(causal=causal, segment_ids=seg), b=2, tq=t, tk=t, h=h, hkv=hkv, d=d,
+           dtype=dtype, block_sizes=blocks)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="compiled Mosaic GPU kernel: runs on a Hopper GPU")
+@pytest.mark.parametrize("causal", [True, False])
+def test_hopper_segment_pairs_with_empty_rows(causal):
+    """(q_seg, kv_seg) pairs where whole query tiles, and a warpgroup's rows, have a segment
+    (9) no key has: those rows give o = 0 and lse = -inf, and zero gradients."""
+    t = 512
+    kv_seg = _packed(2, t, 3, seed=1)
+    q_seg = kv_seg.at[:, :128].set(9).at[:, 192:256].set(9).at[:, 300:310].set(9)
+    o = _check(dict(causal=causal, segment_ids=(q_seg, kv_seg)), b=2, tq=t, tk=t, h=4, hkv=2,
+               d=128, dtype=jnp.bfloat16, block_sizes=HOPPER)
+    chex.assert_trees_all_equal(o[:, :128], jnp.zeros_like(o[:, :128]))
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="compiled Mosaic GPU kernel: runs on a Hopper GPU")
+@pytest.mark.parametrize("fwd_tiles, bwd_tiles", [
+    (gpu_hopper.HopperBlocks(block_kv=64, stages=3), gpu_hopper_bwd.HopperBackwardBlocks(64, 64, 3)),
+    (gpu_hopper.HopperBlocks(block_kv=128, stages=2),
+     gpu_hopper_bwd.HopperBackwardBlocks(128, 128, 2)),
+])
+def test_hopper_segments_tilings(fwd_tiles, bwd_tiles):
+    """Other tilings of both Hopper kernels with segment ids (called directly), causal."""
+    q, k, v, do, _ = _inputs(2, 2, 1024, 1024, 4, 2, 128, 128, jnp.bfloat16)
+    seg = _packed(2, 1024, 6, seed=2)
+    o, lse = gpu_hopper.forward(q, k, v, causal=True, sm_scale=128**-0.5, blocks=fwd_tiles,
+                                segment_ids=seg)
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do)
+    got = gpu_hopper_bwd.backward(q, k, v, do, lse, delta, causal=True, sm_scale=128**-0.5,
+                                  blocks=bwd_tiles, segment_ids=seg)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = lambda *a: reference.mha_reference(*a, causal=True, segment_ids=seg)
+    o_ref, vjp = jax.vjp(ref, *f32)
+    chex.assert_trees_all_close(o.astype(jnp.float32), o_ref, atol=2e-2, rtol=2e-2)
+    for name, g, w in zip("qkv", got, vjp(do), strict=True):
+        scale = max(1.0, float(jnp.max(jnp.abs(w))))
+        chex.assert_trees_all_close(g.astype(jnp.float32) / scale, w / scale, atol=2e-2,
+                                    rtol=2e-2, custom_message=f"d{name}")
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="compiled Mosaic GPU kernel: runs on a Hopper GPU")
+def test_hopper_segments_match_triton():
+    """Both kernel families on one packed bf16 problem (8 documents per row), values and grads."""
+    q, k, v, do, _ = _inputs(3, 2, 4096, 4096, 8, 2, 128, 128, jnp.bfloat16)
+    seg = _packed(2, 4096, 8, seed=3)
+
+    def run(blocks):
+        fn = lambda q, k, v: gpu.flash_attention_with_lse(q, k, v, causal=True, segment_ids=seg,
+                                                          block_sizes=blocks)
+        (o, lse), vjp = jax.vjp(fn, q, k, v)
+        return o, lse, vjp((do.astype(o.dtype), jnp.zeros_like(lse)))
+
+    o_h, lse_h, g_h = run(HOPPER)
+    o_t, lse_t, g_t = run(gpu.BlockSizes(forward="triton", backward="split"))
+    chex.assert_trees_all_close(o_h.astype(jnp.float32), o_t.astype(jnp.float32), atol=1e-2)
+    chex.assert_trees_all_close(lse_h, lse_t, atol=1e-3)
+    for name, a, b in zip("qkv", g_h, g_t, strict=True):
+        scale = max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+        chex.assert_trees_all_close(a.astype(jnp.float32) / scale, b.astype(jnp.float32) / scale,
+                                    atol=2e-2, custom_message=f"d{name}")
+
+
 @pytest.mark.parametrize("kw, shapes, reason", [
-    (dict(segment_ids=jnp.ones((1, 256), jnp.int32)), None, "segment_ids"),
+    (dict(sinks=jnp.zeros((4,))), None, "sinks"),
+    (dict(q_positions=jnp.zeros((1, 256), jnp.int32)), None, "q_positions"),
+    (dict(segment_ids=jnp.ones((1, 256), jnp.int32), sliding_window=64), None, "sliding_window"),
+    (dict(segment_ids=jnp.ones((1, 128), jnp.int32)), None, "segment ids of shapes"),
     (dict(sliding_window=64), None, "sliding_window"),
     (dict(logit_soft_cap=30.0), None, "logit_soft_cap"),
     ({}, dict(dtype=jnp.float32), "dtype"),
@@ -323,6 +420,76 @@ def test_hopper_supported_case_has_no_reason():
     assert tiles.smem_bytes(128) <= gpu_hopper.SMEM_BYTES
     for d in (64, 128, 256):  # every default tiling fits in shared memory
         assert gpu_hopper.HopperBlocks.get_default(d).smem_bytes(d) <= gpu_hopper.SMEM_BYTES
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_hopper_takes_segment_ids(d):
+    """Segment ids (one array, or a q/kv pair at q_len == kv_len) are Hopper calls now, in
+    the forward and (D <= 128) the backward, with every default tiling's id buffers."""
+    q = jax.ShapeDtypeStruct((2, 1024, 8, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1024, 2, d), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+    tiles = gpu_hopper.HopperBlocks.get_default(d)
+    for ids in (seg, (seg, seg)):
+        assert gpu_hopper.unsupported_reason(q, kv, kv, blocks=tiles, segment_ids=ids) is None
+        reason = gpu_hopper_bwd.unsupported_reason(
+            q, kv, kv, blocks=gpu_hopper_bwd.HopperBackwardBlocks(), segment_ids=ids)
+        assert reason is None if d <= 128 else "head dim 256" in reason
+    assert tiles.smem_bytes(d, segments=True) <= gpu_hopper.SMEM_BYTES
+
+
+def test_hopper_routing_with_segments(monkeypatch):
+    """gpu.py's choice as on a compiled Hopper GPU (is_hopper faked): segment ids go to the
+    Hopper kernels; with a window, or padded to the Triton tiles, they stay on Triton."""
+    monkeypatch.setattr(gpu, "is_hopper", lambda: True)
+    q = jax.ShapeDtypeStruct((2, 1024, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16)
+    seg = jnp.ones((2, 1024), jnp.int32)
+    blocks = gpu.BlockSizes.get_default(128)
+    none = dict(q_positions=None, logit_soft_cap=None, sinks=None, dropout_rate=None)
+    choose = functools.partial(gpu._hopper_blocks, q, kv, kv, blocks, False, **none)
+    fwd, bwd = choose(tq_pad=1024, tk_pad=1024, sliding_window=None, segment_ids=seg)
+    assert isinstance(fwd, gpu_hopper.HopperBlocks)
+    assert isinstance(bwd, gpu_hopper_bwd.HopperBackwardBlocks)
+    assert choose(tq_pad=1024, tk_pad=1024, sliding_window=64, segment_ids=seg) == (None, None)
+    assert choose(tq_pad=1152, tk_pad=1152, sliding_window=None, segment_ids=seg) == (None, None)
+
+
+@pytest.mark.parametrize("over, rows, block", [("kv", 64, 128), ("kv", 64, 64), ("kv", 64, 256),
+                                               ("q", 64, 64), ("q", 64, 128)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_hopper_segment_spans_cover_mask(over, rows, block, causal):
+    """Brute force on random packed ids (and a pair with rows that see no key): per thread
+    block of 2 x `rows` rows, lo <= own_lo <= full_lo <= full_hi <= own_hi <= hi; every
+    streamed tile with a kept pair of a warpgroup lies in its [own_lo, own_hi); every tile
+    of [full_lo, full_hi) keeps all its pairs; [lo, hi) is the union of the two spans."""
+    b, t = 2, 1024
+    kv_seg = _packed(b, t, 5, seed=rows + block + causal)
+    pairs = [(kv_seg, kv_seg), (kv_seg.at[:, :128].set(9).at[:, 700:720].set(9), kv_seg)]
+    for q_seg, k_seg in pairs:
+        spans = np.asarray(gpu_hopper.segment_spans(q_seg, k_seg, causal=causal, rows=rows,
+                                                    block=block, over=over))
+        mask = np.asarray(reference.attention_mask(b, t, t, causal=causal, q_segment_ids=q_seg,
+                                                   kv_segment_ids=k_seg))[:, 0]
+        if over == "q":
+            mask = np.swapaxes(mask, 1, 2)  # rows: keys, columns: queries
+        assert spans.shape == (b, t // (2 * rows), 2, 6)
+        for bb in range(b):
+            for blk in range(t // (2 * rows)):
+                for w in range(2):
+                    lo, own_lo, full_lo, full_hi, own_hi, hi = spans[bb, blk, w]
+                    assert lo <= own_lo <= full_lo <= full_hi <= own_hi <= hi
+                    r0 = (2 * blk + w) * rows
+                    kept = mask[bb, r0:r0 + rows].reshape(rows, t // block, block)
+                    needed = np.flatnonzero(kept.any(axis=(0, 2)))
+                    assert all(own_lo <= c < own_hi for c in needed), (bb, blk, w)
+                    assert kept[:, full_lo:full_hi].all(), (bb, blk, w)
+                ends = [(s[1], s[4]) for s in spans[bb, blk] if s[1] < s[4]]
+                if ends:
+                    assert spans[bb, blk, 0, 0] == min(e[0] for e in ends)
+                    assert spans[bb, blk, 0, 5] == max(e[1] for e in ends)
+                else:
+                    assert spans[bb, blk, 0, 0] == spans[bb, blk, 0, 5]
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="checks the refusal off Hopper")
