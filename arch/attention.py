@@ -31,10 +31,13 @@ from pallas_kernels.flash_attention.reference import max_logits_reference
 from sharding import sequence as sequence_parallel
 
 LAYER_KINDS = ("global", "local", "nope", "chunked")
+# Layer kinds without attention, which the attention checks pass over: "mamba" (a Mamba-2
+# mixer, arch/ssm.py) and "mlp" (a feed-forward alone: Nemotron-H, arch/block.py).
+OTHER_KINDS = ("mamba", "mlp")
 
 
 def layer_kind(cfg, layer_idx: int) -> str:
-    """The attention kind of a layer: `layer_pattern` repeated over the layers."""
+    """The kind of a layer (attention kinds, or OTHER_KINDS): `layer_pattern` repeated over the layers."""
     pattern = tuple(cfg.layer_pattern)
     return pattern[layer_idx % len(pattern)]
 
@@ -57,7 +60,7 @@ def validate_attention_config(cfg, kinds=None) -> None:
                          f"use one of {FULL_FEATURE_IMPLS}")
     check_choice("model.position_embedding", cfg.position_embedding, POSITION_EMBEDDINGS)
     for kind in kinds:
-        check_choice("model.layer_pattern entry", kind, LAYER_KINDS)
+        check_choice("model.layer_pattern entry", kind, LAYER_KINDS + OTHER_KINDS)
     if "local" in kinds:
         w = cfg.sliding_window
         if not isinstance(w, int) or w < 1:

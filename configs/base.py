@@ -105,6 +105,7 @@ def model_defaults() -> mlc.ConfigDict:
     m.chunk_size = _int()            # window for "chunked" layers (Llama 4 chunked attention)
     # Per-layer attention kinds, repeated to num_layers: "global", "local" (sliding
     # window), "nope" (global, no RoPE: SmolLM 3, Llama 4), "chunked". Gemma 3: 5 local : 1 global.
+    # Hybrids: "mamba" (a Mamba-2 mixer, model.ssm), "mlp" (no mixer; see model.block_mlp).
     m.layer_pattern = ("global",)
     # Positions.
     m.position_embedding = "rope"    # rope | learned | sinusoidal | none
@@ -122,6 +123,11 @@ def model_defaults() -> mlc.ConfigDict:
     m.mla = None
     # MoE: None or a dict, see arch/moe.py.
     m.moe = None
+    # Mamba-2 mixers for layers of kind "mamba" in layer_pattern: None or a dict, see
+    # arch/ssm.py and ssm_defaults() below.
+    m.ssm = None
+    m.block_mlp = True               # False: a layer is one sub-layer (Mamba-2, Nemotron-H): its
+                                     # mixer alone; layers of kind "mlp" are a feed-forward alone
     # Execution.
     m.scan_layers = False            # nnx.scan over identical layers instead of a list
     m.remat = "none"                 # none | full | dots_saveable
@@ -168,6 +174,18 @@ def moe_defaults() -> mlc.ConfigDict:
         first_k_dense=0,             # first k layers use a dense MLP (DeepSeek-V3: 3)
         every=1,                     # MoE every n-th layer, others dense (Llama 4 Maverick: 2)
         dense_mlp_dim=_int(),        # hidden width of the dense layers (None: model.mlp_dim)
+    ))
+
+
+def ssm_defaults() -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(
+        d_state=16,                  # N: state size per channel (Mamba-2: 128)
+        d_conv=4,                    # width of the causal depthwise conv over x, B, C
+        expand=2,                    # inner width = expand * d_model
+        head_dim=16,                 # P: channels per SSM head; heads = expand * d_model / head_dim
+        n_groups=1,                  # groups of heads sharing B and C (as kv heads in GQA)
+        chunk_size=64,               # tokens per chunk of the chunked SSD (Mamba-2: 256)
+        impl="auto",                 # auto | reference | chunked | pallas_gpu | pallas_tpu (pallas_kernels/ssd)
     ))
 
 

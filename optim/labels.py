@@ -10,7 +10,9 @@ parameter goes to Muon when it *is* one (or a stack of them) and to AdamW otherw
           `MuonDimensionNumbers`).
   adamw   embeddings and the output head (any `vocab` axis, or a key named
           `embedding`), norm scales, biases, sinks, router biases: every parameter
-          of rank < 2. AdamW decays only rank >= 2 parameters (nanoGPT's rule).
+          of rank < 2, and the taps of a depthwise conv (`conv_weight` [width,
+          channels] of Mamba-2 layers: not a linear map of the channels). AdamW
+          decays only rank >= 2 parameters (nanoGPT's rule).
   frozen  non-`nnx.Param` variables (batch stats, the aux-loss-free router bias that a
           rule updates, caches): never changed by the optimizer.
 
@@ -194,6 +196,8 @@ def _label_one(path: Path, x, per_head: bool, overrides) -> ParamSpec:
             return spec(rule, None, f"override {pat!r}")
     if path[-1] in ("bias", "scale") or _matrix_rank(shape, axes) < 2:
         return spec(ADAMW, None, "vector (norm/bias)", decay=False)
+    if path[-1] == "conv_weight":
+        return spec(ADAMW, None, "depthwise conv taps")
     if (axes and "vocab" in axes) or "embedding" in path or "lm_head" in path:
         return spec(ADAMW, None, "embedding/head")
     return spec(MUON, _muon_dims(path, shape, axes, per_head), "hidden matrix")

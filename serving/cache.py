@@ -21,6 +21,12 @@ layouts:
              2023, arXiv:2309.06180) with a per-sequence page table (serving/paged.py
              keeps the tables on the host); decode runs the paged_attention kernel.
 
+Layers without attention (hybrids, arch/ssm.py) keep no keys: a Mamba-2 layer's cache is
+`SSMState`, the fixed-size state of its recurrence per row (the last d_conv - 1 conv
+inputs and the SSD state [B, H, P, N]), whatever the sequence length; a feed-forward-only
+layer ("mlp") keeps just `Lengths`. Their sequences are per row and cannot share pages,
+so hybrids take the dense or rolling layouts, not "paged".
+
 Masks: each new token has a position and a validity (segment_ids != 0); each cached
 key its position and validity. Attention then runs with explicit
 `q_positions`/`kv_positions` and a (q_seg, kv_seg) pair (see
@@ -61,6 +67,7 @@ from flax import struct
 import pallas_kernels
 from arch.attention import layer_kind
 from arch.common import check_choice, dtype_of
+from arch.ssm import ssm_dims
 from pallas_kernels.paged_attention import IMPLS as PAGED_IMPLS
 from pallas_kernels.paged_attention import gather_pages
 from pallas_kernels.paged_attention.api import returns_lse
@@ -340,6 +347,53 @@ class PagedKV(_Attend):
         return self.replace(lengths=jnp.where(rows, 0, self.lengths))
 
 
+# ---------------------------------------------------------------------------- recurrent layers
+
+
+@struct.dataclass
+class SSMState:
+    """Per-layer state of a Mamba-2 layer (arch/ssm.py updates it).
+
+    conv [B, d_conv - 1, channels]: the last conv inputs (x, B, C channels) of each row;
+    ssm [B, H, P, N] f32: the SSD state after the row's last token; lengths [B].
+    """
+
+    conv: jax.Array
+    ssm: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, batch, cfg, dtype):
+        h, p, _, n, channels = ssm_dims(cfg)
+        return cls(conv=jnp.zeros((batch, cfg.ssm.d_conv - 1, channels), dtype),
+                   ssm=jnp.zeros((batch, h, p, n), jnp.float32),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+    def reset(self, rows):
+        """Zero the rows where `rows` [B] is True (a slot given to a new sequence)."""
+        return self.replace(conv=jnp.where(rows[:, None, None], 0, self.conv),
+                            ssm=jnp.where(rows[:, None, None, None], 0, self.ssm),
+                            lengths=jnp.where(rows, 0, self.lengths))
+
+
+@struct.dataclass
+class Lengths:
+    """The cache of a layer that keeps nothing (a feed-forward alone): tokens seen per row."""
+
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, batch):
+        return cls(lengths=jnp.zeros((batch,), jnp.int32))
+
+    def advance(self, segment_ids, num_tokens: int):
+        n = num_tokens if segment_ids is None else (segment_ids != 0).sum(axis=1, dtype=jnp.int32)
+        return self.replace(lengths=self.lengths + n)
+
+    def reset(self, rows):
+        return self.replace(lengths=jnp.where(rows, 0, self.lengths))
+
+
 # ---------------------------------------------------------------------------- whole-model helpers
 
 
@@ -368,6 +422,11 @@ def validate_cache_request(cfg, batch: int, max_len: int, kind: str) -> None:
     if cfg.get("scan_layers", False):
         raise ValueError("model.scan_layers=True is not supported with a KV cache; "
                          "build the model with scan_layers=False (a list of layers)")
+    recurrent = sorted({layer_kind(cfg, i) for i in range(cfg.num_layers)} & {"mamba", "mlp"})
+    if kind == "paged" and recurrent:
+        raise ValueError(f"kind='paged' needs attention in every layer, but model.layer_pattern has "
+                         f"{recurrent} layers, whose per-row state cannot live in shared pages; "
+                         "use kind='dense' or 'rolling'")
     for name, value in (("batch", batch), ("max_len", max_len)):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive int")
@@ -385,7 +444,8 @@ def init_cache(cfg, batch: int, max_len: int, kind: str = "dense", *, dtype=None
       max_len: longest sequence (prompt + generated tokens) a row can hold.
       kind: "dense" (every layer DenseKV of max_len), "rolling" (local and chunked
         layers RollingKV bounded by their window, the rest DenseKV), "paged" (every
-        layer PagedKV over a shared-layout pool).
+        layer PagedKV over a shared-layout pool). Whatever the kind, "mamba" layers get
+        an SSMState and "mlp" layers a Lengths.
       dtype: cache dtype; default the model's compute dtype.
       page_size, num_pages: paged only; num_pages defaults to enough for every row
         at max_len.
@@ -402,7 +462,11 @@ def init_cache(cfg, batch: int, max_len: int, kind: str = "dense", *, dtype=None
     layers = []
     for i in range(cfg.num_layers):
         window = layer_window(cfg, i)
-        if kind == "paged":
+        if layer_kind(cfg, i) == "mamba":
+            layers.append(SSMState.create(batch, cfg, dtype))
+        elif layer_kind(cfg, i) == "mlp":
+            layers.append(Lengths.create(batch))
+        elif kind == "paged":
             layers.append(PagedKV.create(batch, max_len, k_shape, v_shape, dtype,
                                          page_size=page_size, num_pages=num_pages))
         elif kind == "rolling" and window is not None and window < max_len:

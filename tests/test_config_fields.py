@@ -14,7 +14,7 @@ from configs.base import get_base_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = {int: ("7", 7), float: ("0.5", 0.5), str: ("some/path", "some/path")}
 # None-default fields that are whole sub-configs (set by a family or a variant: `,moe`).
-SUBCONFIGS = {"model.rope_scaling", "model.mla", "model.moe"}
+SUBCONFIGS = {"model.rope_scaling", "model.mla", "model.moe", "model.ssm"}
 
 
 def none_fields(cfg, prefix=""):
