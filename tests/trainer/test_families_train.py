@@ -11,7 +11,7 @@ from trainer.metrics import read_metrics
 
 # Families train.py trains (next-token prediction); bert and t5 are not decoders.
 DECODER_FAMILIES = ["llama3", "mistral", "mixtral", "qwen", "smollm3", "olmo2", "gemma3",
-                    "deepseek_v3", "kimi_k2", "llama4", "gpt2"]
+                    "deepseek_v3", "kimi_k2", "llama4", "gpt2", "hybrid"]
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
