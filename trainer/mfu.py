@@ -15,6 +15,10 @@ the *model's* arithmetic would use at the measured throughput; recomputation
 
 With d_qk = d_v = d the attention term is PaLM's and nanoGPT's `12 L T h d`, halved
 for causal layers (nanoGPT does not halve it: `flops_per_token(..., causal_halving=False)`).
+Mamba-2 layers (arch/ssm.py) have no attention term but the SSD's (H heads of P
+channels, state N, chunks of Q tokens; ~Q/2 earlier tokens of its chunk per token):
+
+    6 H (Q/2 (N + P) + 2 P N)  C.B and the weighted sum of x in the chunk, x B^T and C S
 
     >>> from configs.llama3 import get_config
     >>> from trainer.mfu import flops_per_token, peak_flops
@@ -26,7 +30,7 @@ for causal layers (nanoGPT does not halve it: `flops_per_token(..., causal_halvi
 from __future__ import annotations
 
 import arch
-from arch.attention import layer_kind
+from arch.attention import OTHER_KINDS, layer_kind
 
 # Dense bf16 peak FLOP/s per chip (vendor data sheets; no 2:4 sparsity). Matched as a
 # case-insensitive substring of `jax.Device.device_kind`, first hit wins: keep the
@@ -88,9 +92,22 @@ def attention_flops_per_token(cfg, seq_len: int, *, causal_halving: bool = True)
         d_qk = d_v = cfg.head_dim
     total = 0.0
     for i in range(cfg.num_layers):
-        c = mean_context(layer_kind(cfg, i), seq_len, cfg) if causal_halving else seq_len
+        kind = layer_kind(cfg, i)
+        if kind in OTHER_KINDS:  # a Mamba-2 mixer or a feed-forward alone: no attention
+            continue
+        c = mean_context(kind, seq_len, cfg) if causal_halving else seq_len
         total += 6 * c * cfg.num_heads * (d_qk + d_v)
     return total
+
+
+def ssd_flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token of the SSD token mixing of every Mamba-2 layer."""
+    layers = sum(layer_kind(cfg, i) == "mamba" for i in range(cfg.num_layers))
+    if not layers:
+        return 0.0
+    s = cfg.ssm
+    heads, q = s.expand * cfg.d_model // s.head_dim, min(s.chunk_size, seq_len)
+    return layers * 6 * heads * (q / 2 * (s.d_state + s.head_dim) + 2 * s.head_dim * s.d_state)
 
 
 def flops_per_token(cfg, seq_len: int, *, causal_halving: bool = True) -> float:
@@ -104,7 +121,7 @@ def flops_per_token(cfg, seq_len: int, *, causal_halving: bool = True) -> float:
     if seq_len < 1:
         raise ValueError(f"{seq_len=} must be >= 1")
     return 6 * matmul_params(cfg) + attention_flops_per_token(
-        cfg, seq_len, causal_halving=causal_halving)
+        cfg, seq_len, causal_halving=causal_halving) + ssd_flops_per_token(cfg, seq_len)
 
 
 def mfu(tokens_per_second: float, flops_per_tok: float, device_kind: str,

@@ -58,3 +58,14 @@ def test_device_peaks():
     assert peak_flops("cpu") is None
     assert mfu(1e6, 1e9, "cpu") is None
     assert mfu(1e5, 5e9, "NVIDIA H100 80GB HBM3", 2) == pytest.approx(1e5 * 5e9 / (2 * 989e12))
+
+
+def test_hybrid_counts_attention_only_in_attention_layers_and_the_ssd_in_mamba_layers():
+    from configs.hybrid import get_config as hybrid_config
+    from trainer.mfu import attention_flops_per_token, ssd_flops_per_token
+
+    cfg = hybrid_config("full,arch=nemotron_h").model   # 4 attention, 24 Mamba-2, 24 MLP
+    t = 8192
+    assert attention_flops_per_token(cfg, t) == 4 * 6 * (t / 2) * 32 * (128 + 128)
+    h, p, n, q = 128, 64, 128, 256
+    assert ssd_flops_per_token(cfg, t) == 24 * 6 * h * (q / 2 * (n + p) + 2 * p * n)
