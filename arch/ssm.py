@@ -29,11 +29,15 @@ the conv reads the cached inputs as left context, the SSD starts from the cached
 A row's valid tokens must come first (padding, segment id 0, at the end, as the engine
 pads): padding leaves a row's state unchanged (dt = 0 there).
 
+    import jax.numpy as jnp
+    from flax import nnx
     from arch.ssm import Mamba2
     from configs.hybrid import get_config
     cfg = get_config("tiny").model
     mixer = Mamba2(cfg, rngs=nnx.Rngs(0))
-    y, aux = mixer(u, positions=positions, segment_ids=segment_ids)   # u: [B, T, d_model]
+    u = jnp.ones((2, 10, cfg.d_model))                     # [B, T, d_model]
+    seg = jnp.array([[1] * 6 + [2] * 4, [1] * 10])          # two documents in row 0
+    y, aux = mixer(u, segment_ids=seg)                      # y: [B, T, d_model]
 """
 from __future__ import annotations
 
