@@ -179,7 +179,8 @@ class Mamba2(nnx.Module):
         self.dims = (h, p, g, n)
         d = cfg.d_model
         self.dtype = dtype_of(cfg.dtype)
-        kw = dict(rngs=rngs, std=cfg.init_std, dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype))
+        kw = dict(rngs=rngs, std=cfg.init_std, dtype=self.dtype, param_dtype=dtype_of(cfg.param_dtype),
+                  precision=cfg.get("matmul_precision", "bf16"))  # arch/precision.py
         # In-projections (mamba2.py's one in_proj, split by role so each keeps its axes).
         self.in_z = Linear(d, (h, p), in_axes=("embed",), out_axes=("heads", "head_dim"), **kw)
         self.in_x = Linear(d, (h, p), in_axes=("embed",), out_axes=("heads", "head_dim"), **kw)
