@@ -12,8 +12,9 @@ and zeros to tgmm. Products accumulate in f32; the output has lhs's dtype unless
 to their promoted dtype first.
 
 impl:
-  "auto"        "pallas_gpu" on a GPU, "pallas_tpu" on a TPU, else "ragged_dot" (on CPU
-                the kernels run only in interpret mode: slow, for tests).
+  "auto"        "pallas_gpu" on a GPU, else "ragged_dot" (on CPU the kernels run only
+                in interpret mode: slow, for tests; on a TPU "pallas_tpu" joins "auto" once
+                it has run compiled there).
   "pallas_gpu"  gpu.py (Pallas, Triton lowering); interpret mode off a GPU.
   "pallas_tpu"  tpu.py (Pallas TPU, megablox-style); interpret mode off a TPU.
   "ragged_dot"  `jax.lax.ragged_dot`; tgmm by `jax.lax.ragged_dot_general`.
@@ -73,9 +74,10 @@ def resolve_impl(impl: str) -> str:
         raise ValueError(f"grouped matmul {impl=} must be one of {IMPLS}")
     if impl != "auto":
         return impl
+    # The TPU kernel has not yet run compiled on a TPU (the GPU one has, on an H200):
+    # until it has, "auto" on a TPU keeps jax.lax.ragged_dot (XLA:TPU lowers it natively).
     platform = jax.default_backend()
-    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform,
-                                                                                "ragged_dot")
+    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "ragged_dot")
 
 
 # ----------------------------------------------------------------------------- checks
