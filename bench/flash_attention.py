@@ -32,14 +32,13 @@ import argparse
 import dataclasses
 import functools
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.timing import median_time
 from pallas_kernels.flash_attention import gpu, gpu_hopper, gpu_hopper_bwd
 
 
@@ -168,22 +167,6 @@ def _jax_pallas(case: Case):
     return fn
 
 
-def _median_time(fn, *args, reps=5, budget_s=0.25):
-    jax.block_until_ready(fn(*args))  # compile
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    iters = max(1, min(50, int(budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
-
-
 def measure(case: Case, attn, q, k, v, do):
     """(fwd seconds, fwd+bwd seconds) or an error string for each."""
     fwd = jax.jit(attn)
@@ -196,7 +179,7 @@ def measure(case: Case, attn, q, k, v, do):
     out = []
     for fn, args in ((fwd, (q, k, v)), (fwd_bwd, (q, k, v, do))):
         try:
-            out.append(_median_time(fn, *args))
+            out.append(median_time(fn, *args))
         except Exception as e:  # noqa: BLE001 - report OOM / unsupported and go on
             out.append(f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
     return out
@@ -369,7 +352,7 @@ def sweep_hopper(head_dim: int):
             fn = jax.jit(functools.partial(gpu_hopper_bwd.backward, causal=causal,
                                            sm_scale=head_dim**-0.5, blocks=tiles))
             try:
-                t = _median_time(fn, q, k, v, do, lse, delta)
+                t = median_time(fn, q, k, v, do, lse, delta)
                 print(f"hopper bwd D={head_dim} {case.name} {tiles}: "
                       f"bwd {_fmt(_tflops(case, t, 2.5))} TF/s", flush=True)
             except Exception as e:  # noqa: BLE001 - a tiling the compiler rejects
@@ -386,7 +369,7 @@ def sweep_hopper(head_dim: int):
                 fn = jax.jit(functools.partial(gpu_hopper.forward, causal=causal,
                                                sm_scale=head_dim**-0.5, blocks=tiles))
                 try:
-                    t = _median_time(fn, q, k, v)
+                    t = median_time(fn, q, k, v)
                     print(f"hopper D={head_dim} {case.name} bkv={block_kv} stages={stages}: "
                           f"fwd {_fmt(_tflops(case, t))} TF/s", flush=True)
                 except Exception as e:  # noqa: BLE001 - a tiling the compiler rejects

@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,12 +24,13 @@ import jax.numpy as jnp  # noqa: E402
 
 from arch.precision import MATMUL_PRECISIONS, dot  # noqa: E402
 from bench import train_mfu  # noqa: E402
+from bench.timing import median_time  # noqa: E402
 
 FAST_MODES = ("bf16", "fp8_tensorwise", "fp8_rowwise")   # blockwise: numerics only (no kernel)
 
 
-def time_matmul(m: int, k: int, n: int, mode: str, reps: int = 20) -> float:
-    """Seconds of forward + backward of one [m, k] @ [k, n] in bf16 inputs."""
+def time_matmul(m: int, k: int, n: int, mode: str, reps: int = 5) -> float:
+    """Seconds of forward + backward of one [m, k] @ [k, n] in bf16 inputs (median)."""
     x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
     w = jax.random.normal(jax.random.key(1), (k, n), jnp.bfloat16) * 0.02
     dy = jax.random.normal(jax.random.key(2), (m, n), jnp.bfloat16)
@@ -39,13 +39,7 @@ def time_matmul(m: int, k: int, n: int, mode: str, reps: int = 20) -> float:
         y, vjp = jax.vjp(lambda a, b: dot(a, b, mode), x, w)
         return y, vjp(dy)
 
-    f = jax.jit(fwd_bwd)
-    jax.block_until_ready(f(x, w, dy))
-    start = time.perf_counter()
-    for _ in range(reps):
-        out = f(x, w, dy)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / reps
+    return median_time(jax.jit(fwd_bwd), x, w, dy, reps=reps)
 
 
 def loss_run(mode: str, steps: int, smoke: bool) -> dict:
@@ -83,7 +77,7 @@ def main(argv=None) -> None:
         print("\n| matmul fwd+bwd (M, K, N) | " + " | ".join(modes) + " |", flush=True)
         print("|---|" + "---|" * len(modes))
         for m, k, n in shapes:
-            t = {mode: time_matmul(m, k, n, mode, reps=2 if args.smoke else 20) for mode in modes}
+            t = {mode: time_matmul(m, k, n, mode, reps=2 if args.smoke else 5) for mode in modes}
             cells = [f"{t[mode] * 1e3:.2f} ms ({6 * m * k * n / t[mode] / 1e12:.0f} TFLOP/s, "
                      f"{t['bf16'] / t[mode]:.2f}x)" for mode in modes]
             print(f"| {m} x {k} x {n} | " + " | ".join(cells) + " |", flush=True)

@@ -29,14 +29,13 @@ import argparse
 import dataclasses
 import functools
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.timing import median_time
 from pallas_kernels.grouped_matmul import api, gpu
 
 
@@ -116,22 +115,6 @@ def impls():
 
 
 # ----------------------------------------------------------------------------- timing
-def _median_time(fn, *args, reps=5, budget_s=0.25):
-    jax.block_until_ready(fn(*args))  # compile
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    iters = max(1, min(50, int(budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
-
-
 def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
 
@@ -148,7 +131,7 @@ def measure(fn, lhs, rhs, gs, dout, *, reps=5):
     out = []
     for f, args in ((fwd, (lhs, rhs, gs)), (fwd_bwd, (lhs, rhs, gs, dout))):
         try:
-            out.append(_median_time(f, *args, reps=reps))
+            out.append(median_time(f, *args, reps=reps))
         except Exception as e:  # noqa: BLE001 - report OOM / unsupported and go on
             out.append(_error(e))
     return out

@@ -23,13 +23,12 @@ import argparse
 import dataclasses
 import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from bench.timing import median_time
 from pallas_kernels.ssd import ssd
 
 
@@ -64,22 +63,6 @@ def _inputs(case: Case, dtype=jnp.bfloat16):
     return (x, dt, A, B, C, D), dy, qkv
 
 
-def _median_time(fn, *args, reps=5, budget_s=0.25):
-    jax.block_until_ready(fn(*args))  # compile
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    iters = max(1, min(50, int(budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
-
-
 def _measure(fn, args, cotangent):
     """(fwd seconds, fwd+bwd seconds), or an error string for each."""
     fwd = jax.jit(fn)
@@ -92,7 +75,7 @@ def _measure(fn, args, cotangent):
     out = []
     for f, a in ((fwd, args), (fwd_bwd, (args, cotangent))):
         try:
-            out.append(_median_time(f, *a))
+            out.append(median_time(f, *a))
         except Exception as e:  # noqa: BLE001 - report OOM / unsupported and go on
             out.append(f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
     return out
