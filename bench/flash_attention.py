@@ -99,12 +99,6 @@ def _inputs(case: Case):
 
 def _ours(case: Case, block_sizes=None):
     seg = case.segment_ids()
-    if seg is not None and block_sizes is None and gpu.is_hopper() and not gpu.HOPPER_SEGMENTS_IN_AUTO:
-        # "auto" keeps segment ids on Triton until the Hopper path has run compiled on a
-        # Hopper GPU (gpu.HOPPER_SEGMENTS_IN_AUTO): measure the Hopper path, the one in question.
-        block_sizes = dataclasses.replace(
-            gpu.BlockSizes.get_default(case.head_dim), forward="hopper",
-            backward="hopper" if case.head_dim <= 128 else "auto")
     return functools.partial(gpu.flash_attention, causal=case.causal,
                              sliding_window=case.window, block_sizes=block_sizes,
                              segment_ids=None if seg is None else jnp.asarray(seg))

@@ -680,12 +680,6 @@ def is_hopper() -> bool:
     return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
 
 
-# The Hopper kernels' segment-id path is written and tested on CPU (routing, tile spans)
-# but has not yet run compiled on a Hopper GPU (`JAX_PLATFORMS=cuda pytest
-# tests/pallas_kernels/test_flash_attention_gpu.py -k "hopper and segment"`). Until it has,
-# "auto" keeps segment-id calls (every train.py batch) on the Triton kernels, which are;
-# BlockSizes(forward="hopper", backward="hopper") asks for the Hopper path explicitly.
-HOPPER_SEGMENTS_IN_AUTO = False
 
 
 def _hopper_blocks(q, k, v, blocks: BlockSizes, interpret: bool, *, tq_pad, tk_pad, **features):
@@ -701,8 +695,7 @@ def _hopper_blocks(q, k, v, blocks: BlockSizes, interpret: bool, *, tq_pad, tk_p
     chosen = []
     for field, (choice, tiles, unsupported) in kernels.items():
         runs_here = not interpret and is_hopper()
-        unverified = features.get("segment_ids") is not None and not HOPPER_SEGMENTS_IN_AUTO
-        if choice not in ("auto", "hopper") or (choice == "auto" and (not runs_here or unverified)):
+        if choice not in ("auto", "hopper") or (choice == "auto" and not runs_here):
             chosen.append(None)
             continue
         reason = unsupported(q, k, v, blocks=tiles, **features)
