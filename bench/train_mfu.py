@@ -168,11 +168,12 @@ def run_model(name: str, args, data_kind: str = "random") -> dict:
         cfg = smoke(cfg)
     seq = min(args.seq, cfg.model.max_seq_len)
     cfg.model.attention_impl = args.attention
+    cfg.model.scan_layers = getattr(args, "scan_layers", False)
     cfg.model.matmul_precision = getattr(args, "precision", "bf16")
     cfg.train.z_loss = 0.0
     total, active = arch.count_params(cfg.model)
     row = {"model": name, "data": data_kind, "params": total, "batch": args.batch, "seq": seq,
-           "precision": cfg.model.matmul_precision}
+           "precision": cfg.model.matmul_precision, "scan_layers": cfg.model.scan_layers}
     if data_kind == "train" and impl_lacks(args.attention, ["segment_ids"]):
         # train.py refuses this config before compute (trainer/config.py): so does the bench.
         return {**row, "remat": f"cannot run: {args.attention} has no segment ids", "step_s": None}
@@ -234,6 +235,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     p.add_argument("--remat", default="auto", choices=("auto",) + REMATS)
     p.add_argument("--attention", default="auto", help="model.attention_impl")
+    p.add_argument("--scan_layers", action="store_true", help="model.scan_layers=True: "
+                   "one compiled layer (the unrolled 24 compile each layer's kernels apart)")
     p.add_argument("--data", default=",".join(DATA_KINDS),
                    help=f"comma list of {DATA_KINDS}: random rows, or train.py's loader")
     p.add_argument("--smoke", action="store_true", help="toy sizes, to check the script on CPU")
