@@ -151,6 +151,10 @@ def _gmm_pallas_fwd(lhs, rhs, group_sizes, static: _Static):
     return _gmm_pallas(lhs, rhs, group_sizes, static), (lhs, rhs, group_sizes)
 
 
+# A jit of its own, so every MoE layer's backward reuses one traced jaxpr and XLA compiles
+# its kernels once (traced per call, each kernel's locations carry that call's traceback,
+# which makes each layer's kernel a distinct module; flash_attention/gpu.py does the same).
+@functools.partial(jax.jit, static_argnums=0)
 def _gmm_pallas_bwd(static: _Static, res, dout):
     lhs, rhs, group_sizes = res
     k = _BACKENDS[static.impl]
