@@ -236,7 +236,7 @@ def main(argv=None) -> None:
     p.add_argument("--remat", default="auto", choices=("auto",) + REMATS)
     p.add_argument("--attention", default="auto", help="model.attention_impl")
     p.add_argument("--scan_layers", action="store_true", help="model.scan_layers=True: "
-                   "one compiled layer (the unrolled 24 compile each layer's kernels apart)")
+                   "nnx.scan over the layers, one compiled layer")
     p.add_argument("--data", default=",".join(DATA_KINDS),
                    help=f"comma list of {DATA_KINDS}: random rows, or train.py's loader")
     p.add_argument("--smoke", action="store_true", help="toy sizes, to check the script on CPU")
