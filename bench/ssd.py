@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +98,9 @@ def run_case(case: Case, kernel_impl: str):
     }
     row = {"case": case.name}
     for name, (fn, a, ct) in impls.items():
+        # progress on stderr: on an H200 a call once printed no row within 90 s, and which
+        # impl it was in stayed unknown
+        print(f"{case.name}: {name}", file=sys.stderr, flush=True)
         t_f, t_fb = _measure(fn, a, ct)
         row[name] = {"fwd_s": t_f, "fwd_bwd_s": t_fb}
     try:
