@@ -540,16 +540,12 @@ def _flash_fwd(q, k, v, sinks, masks, cfg: _Config):
     return (o, lse), (q, k, v, sinks, masks, o, lse)
 
 
-def _flash_bwd(cfg: _Config, res, cotangents):
-    return _flash_bwd_traced_once(cfg, res, cotangents)
-
-
 # A jit of its own, so each layer's backward reuses one traced jaxpr: traced anew per call,
 # the kernels' MLIR carries each call's full traceback in its locations, which makes every
-# layer's kernel a distinct module that XLA compiles again (24 layers of GPT-2 1.3B took
-# minutes to compile with segment ids). The forward's trace is cached by custom_vjp already.
+# layer's kernel a distinct module that XLA compiles again (GPT-2 1.3B's 24 layers with
+# segment ids did not finish compiling in 230 s on an H200). The forward's trace is cached by custom_vjp already.
 @functools.partial(jax.jit, static_argnums=0)
-def _flash_bwd_traced_once(cfg: _Config, res, cotangents):
+def _flash_bwd(cfg: _Config, res, cotangents):
     q, k, v, sinks, masks, o, lse = res
     do, dlse = cotangents
     q_pos, kv_pos, q_seg, kv_seg, _, spans_dq, spans_dkv, seed = masks
