@@ -543,7 +543,8 @@ def _flash_fwd(q, k, v, sinks, masks, cfg: _Config):
 # A jit of its own, so each layer's backward reuses one traced jaxpr: traced anew per call,
 # the kernels' MLIR carries each call's full traceback in its locations, which makes every
 # layer's kernel a distinct module that XLA compiles again (GPT-2 1.3B's 24 layers with
-# segment ids did not finish compiling in 230 s on an H200). The forward's trace is cached by custom_vjp already.
+# segment ids did not finish compiling in 230 s on an H200). The forward's trace is
+# cached by custom_vjp already.
 @functools.partial(jax.jit, static_argnums=0)
 def _flash_bwd(cfg: _Config, res, cotangents):
     q, k, v, sinks, masks, o, lse = res
