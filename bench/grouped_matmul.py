@@ -213,6 +213,8 @@ def _variants():
         "128x128x128 w8 s3": rep(block_k=128, num_warps=8, num_stages=3),
         "64x64x128 w4 s4": rep(block_m=64),
         "128x64x256 w8 s3": rep(block_n=256, num_warps=8, num_stages=3),
+        "128x64x256 w8 s4": rep(block_n=256, num_warps=8, num_stages=4),
+        "256x64x128 w8 s4": rep(block_m=256, num_warps=8, num_stages=4),
         "256x64x128 w8 s3": rep(block_m=256, num_warps=8, num_stages=3),
         "128x32x128 w4 s5": rep(block_k=32, num_stages=5),
         "group_m 1": rep(group_m=1),
