@@ -208,7 +208,8 @@ def _variants():
     base = gpu.Tiles()
     rep = functools.partial(dataclasses.replace, base)
     return {
-        "default": base,
+        "defaults": None,  # per kernel: gpu.GMM_TILES for gmm, gpu.TGMM_TILES for tgmm
+        "Tiles()": base,
         "w8 s3": rep(num_warps=8, num_stages=3),
         "128x128x128 w8 s3": rep(block_k=128, num_warps=8, num_stages=3),
         "64x64x128 w4 s4": rep(block_m=64),
@@ -234,6 +235,9 @@ def sweep(cases, dists, reps):
                 print(f"{case.name} {dist} {name:20s} fwd {_fmt(_tflops(case.flops_fwd(), t_f))} "
                       f"TF/s  fwd+bwd {_fmt(_tflops(3 * case.flops_fwd(), t_fb))} TF/s  {tiles}",
                       flush=True)
+                for part, t in (("fwd", t_f), ("fwd+bwd", t_fb)):
+                    if isinstance(t, str):  # the error in place of a time: say which
+                        print(f"  {part}: {t[:200]}", flush=True)
 
 
 def main(argv=None):
@@ -260,7 +264,8 @@ def main(argv=None):
     if any(d not in DISTS for d in dists):
         raise ValueError(f"--dists={args.dists!r} must be a comma list of {DISTS}")
     device = jax.devices()[0].device_kind
-    print(f"jax {jax.__version__}, device: {device}, tiles: {gpu.Tiles()}", flush=True)
+    print(f"jax {jax.__version__}, device: {device}, tiles: gmm {gpu.GMM_TILES}, "
+          f"tgmm {gpu.TGMM_TILES}", flush=True)
     reps = 1 if args.smoke else args.reps
     if args.sweep:
         sweep(cases, dists, reps)
@@ -274,7 +279,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# Grouped matmul (bench/grouped_matmul.py)\n\n- Device: {device}; jax "
-                    f"{jax.__version__}; bf16; default tiles {gpu.Tiles()}.\n\n" + text + "\n")
+                    f"{jax.__version__}; bf16; default tiles: gmm {gpu.GMM_TILES}, tgmm {gpu.TGMM_TILES}.\n\n" + text + "\n")
 
 
 if __name__ == "__main__":
