@@ -52,7 +52,9 @@ import optim  # noqa: E402
 import sharding  # noqa: E402
 from configs.deepseek_v3 import get_config as deepseek_v3_config  # noqa: E402
 from configs.gpt2 import get_config as gpt2_config  # noqa: E402
+from configs.hybrid import get_config as hybrid_config  # noqa: E402
 from configs.llama3 import get_config as llama3_config  # noqa: E402
+from configs.mixtral import get_config as mixtral_config  # noqa: E402
 from pallas_kernels.flash_attention.api import impl_lacks  # noqa: E402
 from trainer.mesh import device_batch, setup  # noqa: E402
 from trainer.mfu import flops_per_token, format_mfu, mfu, peak_flops  # noqa: E402
@@ -80,13 +82,24 @@ def deepseek_v3_small():
     return deepseek_v3_config("small")  # MLA + 64 experts top-6, 12 layers (1 dense)
 
 
-MODELS = {"llama3-small": llama3_small, "gpt2-1.3b": gpt2_13b, "deepseek-v3-small": deepseek_v3_small}
+def mixtral_small():
+    return mixtral_config("small")  # 8 experts top-2, d 1024, 8 layers, expert width 3584
+
+
+def nemotron_h_small():
+    return hybrid_config("small,arch=nemotron_h")  # ~1B hybrid: 16 Mamba-2, 16 MLP, 4 attention
+
+
+MODELS = {"llama3-small": llama3_small, "gpt2-1.3b": gpt2_13b, "deepseek-v3-small": deepseek_v3_small,
+          "mixtral-small": mixtral_small, "nemotron-h-small": nemotron_h_small}
 
 
 def smoke(cfg):
     """Same layout, toy sizes: for checking this script anywhere."""
     cfg.model.update(d_model=64, num_layers=2, head_dim=16, mlp_dim=128, vocab_size=512,
                      max_seq_len=128, num_heads=4, num_kv_heads=min(cfg.model.num_kv_heads, 4))
+    if cfg.model.get("ssm") is not None:  # Mamba-2 mixers: heads = expand * d_model / head_dim
+        cfg.model.ssm.update(d_state=16, head_dim=16, n_groups=1, chunk_size=32)
     return cfg
 
 
