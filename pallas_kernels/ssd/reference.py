@@ -195,11 +195,17 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size: int, D=None, segment_ids=None,
             & (sq[..., :, None] == sq[..., None, :]))                    # [B, nc, Q, Q]
     diff = cum[..., :, None] - cum[..., None, :]                        # [B, G, R, nc, Q, Q]
     L = jnp.exp(jnp.where(keep[:, None, None], diff, -jnp.inf))         # 0 where masked, no inf
+    # Every einsum here takes two operands, contracted in the order written: a many-operand
+    # jnp.einsum let opt_einsum pick the order, and it built [B, nc, Q, Q, H, P] products
+    # (8 GiB f32 at B=2, T=4k, H=16; 48 GiB in a 1B hybrid's step) that XLA's GPU autotuner
+    # then spent minutes on.
     CB = jnp.einsum("bclgn,bcsgn->bgcls", Cc, Bc)                       # [B, G, nc, Q, Q]
-    y_diag = jnp.einsum("bgcls,bgrcls,bgrcs,bcsgrp->bclgrp", CB, L, dts, xc)
+    M = CB[:, :, None] * L * dts[..., None, :]                          # [B, G, R, nc, Q, Q]
+    y_diag = jnp.einsum("bgrcls,bcsgrp->bclgrp", M, xc)
 
     # 2. Each chunk's contribution to the state at its end.
-    local = jnp.einsum("bcsgn,bgrcs,bcsgrp->bcgrpn", Bc, w_end, xc)    # [B, nc, G, R, P, N]
+    x_end = xc * jnp.moveaxis(w_end, (1, 2), (3, 4))[..., None]          # [B, nc, Q, G, R, P]
+    local = jnp.einsum("bcsgn,bcsgrp->bcgrpn", Bc, x_end)               # [B, nc, G, R, P, N]
 
     # 3. Pass the states from chunk to chunk: S_in[c+1] = gate[c] S_in[c] + local[c].
     s0 = (jnp.zeros((b, h, p, n), f32) if initial_state is None
@@ -214,6 +220,7 @@ def ssd_chunked(x, dt, A, B, C, *, chunk_size: int, D=None, segment_ids=None,
     s_in = jnp.moveaxis(s_in, 0, 1)                                      # [B, nc, G, R, P, N]
 
     # 4. The state entering each chunk, read out by C and decayed to each token.
-    y_off = jnp.einsum("bclgn,bcgrpn,bgrcl->bclgrp", Cc, s_in, decay_in)
+    y_off = (jnp.einsum("bclgn,bcgrpn->bclgrp", Cc, s_in)
+             * jnp.moveaxis(decay_in, (1, 2), (3, 4))[..., None])
     y = (y_diag + y_off).reshape(b, nc * q, h, p)[:, :t]
     return _finish(y, x, D), final.reshape(b, h, p, n)

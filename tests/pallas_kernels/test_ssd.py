@@ -216,3 +216,20 @@ def test_auto_and_bad_input():
         ssd(**kw, segment_ids=jnp.zeros((2, 9), jnp.float32))
     with pytest.raises(ValueError, match="BlockSizes.block_q"):
         gpu.BlockSizes(block_q=24)
+
+
+def test_chunked_never_builds_a_pairwise_product_per_channel():
+    """The chunked form's largest intermediate, forward and backward, is a [B, H, nc, Q, Q]
+    decay matrix or a [B, nc, H, P, N] state, never a [B, nc, Q, Q, H, P] product: a
+    many-operand einsum once built those (48 GiB in a 1B hybrid's step on a GPU)."""
+    b, t, h, p, g, n, q = 1, 256, 4, 16, 1, 8, 64
+    kw = _inputs(b=b, t=t, h=h, p=p, g=g, n=n)
+    args = [kw[k] for k in ("x", "dt", "A", "B", "C", "D")]
+
+    def loss(x, dt, A, B, C, D):
+        return reference.ssd_chunked(x, dt, A, B, C, chunk_size=q, D=D)[0].sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(6))))(*args)
+    allowed = max(b * h * t * q, b * (t // q) * h * p * n, b * t * h * p)
+    sizes = [int(np.prod(v.aval.shape)) for e in jaxpr.jaxpr.eqns for v in e.outvars]
+    assert max(sizes) <= allowed, (max(sizes), allowed)
