@@ -183,10 +183,14 @@ def run_model(name: str, args, data_kind: str = "random") -> dict:
     cfg.model.attention_impl = args.attention
     cfg.model.scan_layers = getattr(args, "scan_layers", False)
     cfg.model.matmul_precision = getattr(args, "precision", "bf16")
+    if cfg.model.get("ssm") is not None:
+        cfg.model.ssm.impl = getattr(args, "ssd_impl", "auto")
     cfg.train.z_loss = 0.0
     total, active = arch.count_params(cfg.model)
     row = {"model": name, "data": data_kind, "params": total, "batch": args.batch, "seq": seq,
            "precision": cfg.model.matmul_precision, "scan_layers": cfg.model.scan_layers}
+    if cfg.model.get("ssm") is not None:
+        row["ssd_impl"] = cfg.model.ssm.impl
     if data_kind == "train" and impl_lacks(args.attention, ["segment_ids"]):
         # train.py refuses this config before compute (trainer/config.py): so does the bench.
         return {**row, "remat": f"cannot run: {args.attention} has no segment ids", "step_s": None}
@@ -248,6 +252,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (the first compiles)")
     p.add_argument("--remat", default="auto", choices=("auto",) + REMATS)
     p.add_argument("--attention", default="auto", help="model.attention_impl")
+    p.add_argument("--ssd_impl", default="auto", help="model.ssm.impl of the Mamba-2 layers")
     p.add_argument("--scan_layers", action="store_true", help="model.scan_layers=True: "
                    "nnx.scan over the layers, one compiled layer")
     p.add_argument("--data", default=",".join(DATA_KINDS),
