@@ -10,10 +10,11 @@ D [H], segment_ids [B, T] (the state is reset where the segment changes), initia
 and the final state [B, H, P, N] in f32. Semantics: reference.ssd_recurrence.
 
 impl:
-  "auto"        "chunked" for now, on every platform: the kernels have not yet run
-                compiled on a GPU or TPU (KERNELS_IN_AUTO); once they have, "pallas_gpu"
-                on a GPU, "pallas_tpu" on a TPU, and a kernel that cannot take the call
-                (NotImplementedError) falls back to "chunked".
+  "auto"        "chunked" for now, on every platform (KERNELS_IN_AUTO): the GPU kernel
+                is faster forward-only but not in training (its backward is the chunked
+                form's); with a kernel backward, "pallas_gpu" on a GPU, "pallas_tpu" on
+                a TPU, and a kernel that cannot take the call (NotImplementedError)
+                falls back to "chunked".
   "reference"   reference.ssd_recurrence: a lax.scan over tokens (the definition; slow).
   "chunked"     reference.ssd_chunked: the chunked SSD in plain jnp (f32).
   "pallas_gpu"  gpu.py: Mamba-2's three Triton kernels (chunk states, state passing,
@@ -44,10 +45,12 @@ import jax.numpy as jnp
 from pallas_kernels.ssd import reference
 
 IMPLS = ("auto", "reference", "chunked", "pallas_gpu", "pallas_tpu")
-# The GPU kernels have run compiled on an H200 (`JAX_PLATFORMS=cuda,cpu pytest
-# tests/pallas_kernels/test_ssd.py`: values and gradients match; bench/results/ssd.md), but
-# no timing of them exists yet, and the TPU kernel never ran on a TPU: until both are
-# measured faster, "auto" runs the plain-jnp chunked form, and the kernels run only when named.
+# The GPU kernels run compiled on an H200 (`JAX_PLATFORMS=cuda,cpu pytest
+# tests/pallas_kernels/test_ssd.py`: values and gradients match). Timed there
+# (bench/results/ssd.md), the forward is 2.9-3.6x the chunked jnp form but forward+backward
+# only 1.0-1.17x, and a hybrid's train step 7% slower (the backward recomputes the jnp
+# forward); the TPU kernel never ran on a TPU. So "auto" runs the chunked form, and the
+# kernels run when named (prefill, say).
 KERNELS_IN_AUTO = False
 PALLAS_IMPLS = ("pallas_gpu", "pallas_tpu")
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
