@@ -100,6 +100,29 @@ def combine(y_assign, weights):
 
 
 # ----------------------------------------------------------------------------- dropless
+@jax.custom_vjp
+def permute_rows(x, perm, inverse):
+    """x[perm] for a permutation `perm` of x's rows whose inverse is `inverse`.
+
+    The gradient is the inverse gather, g[inverse]. Autodiff of x[perm] would give a
+    scatter-add instead (XLA cannot know the indices are distinct), which ran as two
+    8.4 ms atomic scatters per step of the small DeepSeek-V3 on an H200, 9% of its step.
+    """
+    return x[perm]
+
+
+def _permute_rows_fwd(x, perm, inverse):
+    return x[perm], (perm, inverse)
+
+
+def _permute_rows_bwd(res, g):
+    _, inverse = res
+    return g[inverse], None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 def sort_by_expert(experts, num_experts: int):
     """Order of the N*K assignments grouped by expert, and the group sizes.
 
@@ -129,10 +152,12 @@ def dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *,
     """
     n, k = experts.shape
     order, group_sizes = sort_by_expert(experts, w.w_up.shape[0])
-    x_sorted = x[order // k]                                    # [N*K, D] grouped by expert
+    inverse = jnp.argsort(order)            # argsort of a permutation is its inverse
+    # Token n's K copies (token-major; the repeat's gradient sums them), grouped by expert.
+    x_sorted = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)   # [N*K, D]
     y_sorted = expert_ffn_grouped(x_sorted, group_sizes, w, act, gmm_impl=gmm_impl)  # [N*K, D]
-    # Un-sort: assignment order[i] gets row i. Argsort of a permutation is its inverse.
-    y_assign = y_sorted[jnp.argsort(order)]                      # [N*K, D] token-major
+    # Un-sort: assignment order[i] gets row i.
+    y_assign = permute_rows(y_sorted, inverse, order)            # [N*K, D] token-major
     return combine(y_assign.reshape(n, k, -1), weights)          # [N, D]
 
 

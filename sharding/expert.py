@@ -65,6 +65,7 @@ from arch.moe_dispatch import (
     combine,
     expert_ffn_buffered,
     expert_ffn_grouped,
+    permute_rows,
 )
 from arch.moe_dispatch import capacity_moe as _capacity_moe_local
 from arch.moe_dispatch import dropless_moe as _dropless_moe_local
@@ -270,7 +271,9 @@ def ep_dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, mes
         sizes = jnp.zeros((ep,), jnp.int32).at[flat // e_loc].add(1)
         starts = jnp.cumsum(sizes) - sizes
         row = dest * m + jnp.arange(flat.shape[0]) - starts[dest]          # row in the send buffer
-        send = jnp.zeros((ep * m, d), x.dtype).at[row].set(x[order // k])  # [EP*M, D]
+        inverse = jnp.argsort(order)
+        x_sorted = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)  # [n*K, D] by expert
+        send = jnp.zeros((ep * m, d), x.dtype).at[row].set(x_sorted)      # [EP*M, D]
         ids = jnp.full((ep * m,), e_loc, jnp.int32).at[row].set(e_sorted - dest * e_loc)  # E_loc = pad
         recv = jax.lax.all_to_all(send.reshape(ep, m, d), "expert", 0, 0, tiled=True).reshape(ep * m, d)
         rids = jax.lax.all_to_all(ids.reshape(ep, m), "expert", 0, 0, tiled=True).reshape(ep * m)
@@ -278,11 +281,12 @@ def ep_dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, mes
         order2 = jnp.argsort(rids, stable=True)
         group_sizes = jnp.zeros((e_loc,), jnp.int32).at[rids].add(1, mode="drop")
         ffn = functools.partial(expert_ffn_grouped, gmm_impl=gmm_impl)
-        out = _run_experts(ffn, tensor)(recv[order2], group_sizes, w, act)  # [EP*M, D]
-        out = out[jnp.argsort(order2)]                                    # back to arrival order
+        inverse2 = jnp.argsort(order2)
+        out = _run_experts(ffn, tensor)(permute_rows(recv, order2, inverse2), group_sizes, w, act)
+        out = permute_rows(out, inverse2, order2)                         # back to arrival order
         back = jax.lax.all_to_all(out.reshape(ep, m, d), "expert", 0, 0, tiled=True).reshape(ep * m, d)
         y_sorted = back[row]                                              # [n*K, D] expert order
-        y_assign = y_sorted[jnp.argsort(order)]                           # [n*K, D] token-major
+        y_assign = permute_rows(y_sorted, inverse, order)                 # [n*K, D] token-major
         return combine(y_assign.reshape(-1, k, d), weights)               # [n, D]
 
     tok = P(token_axes)

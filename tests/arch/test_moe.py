@@ -14,7 +14,13 @@ from jax.test_util import check_grads
 
 from arch import moe as moe_lib
 from arch.moe import MoE, moe_dense_reference, route, update_router_biases
-from arch.moe_dispatch import ExpertWeights, capacity_moe, dropless_moe, expert_capacity
+from arch.moe_dispatch import (
+    ExpertWeights,
+    capacity_moe,
+    dropless_moe,
+    expert_capacity,
+    permute_rows,
+)
 from configs.base import model_defaults, moe_defaults
 
 
@@ -220,6 +226,28 @@ def test_dropless_grads_equal_dense_reference():
     # The reference's own gradients against finite differences.
     check_grads(lambda x, wu, wd: moe_dense_reference(x, experts, weights, w._replace(w_up=wu, w_down=wd), jax.nn.silu),
                 (x, w.w_up, w.w_down), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+
+
+def test_permute_rows_and_the_dropless_gradient_gather_without_scatter():
+    """permute_rows: x[perm] with the inverse gather as its gradient, equal to autodiff of
+    x[perm]; the dropless layer's gradient then holds no scatter into the [N*K, D] rows
+    (an atomic scatter-add on a GPU)."""
+    x = jax.random.normal(jax.random.key(10), (7, 3))
+    perm = jnp.asarray(np.random.default_rng(3).permutation(7))
+    ct = jax.random.normal(jax.random.key(11), (7, 3))
+    got = jax.vjp(lambda x: permute_rows(x, perm, jnp.argsort(perm)), x)
+    want = jax.vjp(lambda x: x[perm], x)
+    chex.assert_trees_all_close(got[0], want[0])
+    chex.assert_trees_all_close(got[1](ct), want[1](ct))
+
+    n, d, f, e, k = 9, 6, 8, 4, 2
+    w = rand_weights(jax.random.key(5), e, d, f)
+    experts, weights = rand_assignments(np.random.default_rng(1), n, e, k)
+    grad = jax.grad(lambda x: jnp.sum(dropless_moe(x, experts, weights, w, jax.nn.silu)))
+    jaxpr = jax.make_jaxpr(grad)(jax.random.normal(jax.random.key(6), (n, d)))
+    row_scatters = [q for q in jaxpr.jaxpr.eqns if "scatter" in q.primitive.name
+                    and q.outvars[0].aval.shape == (n * k, d)]
+    assert not row_scatters, row_scatters
 
 
 def test_dropless_bf16_close_to_f32_reference():
