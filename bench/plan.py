@@ -19,8 +19,11 @@ Caveats (they matter when reading the numbers):
   * Expert parallelism uses sharding/expert.py's padded all_to_all buffers (dropless by
     default). XLA:CPU lowers `jax.lax.ragged_dot` (the dropless experts) by expanding it
     to a masked dense product over every local expert, which inflates temporaries ~15x;
-    GPU/TPU lower it to `chlo.ragged_dot`. Plan MoE models with `--dispatch=capacity`
-    (exact-size buffers, batched einsums) to get figures that mean something.
+    GPU/TPU lower it to `chlo.ragged_dot`. `--gmm=kernel` plans the dropless experts with
+    our Pallas grouped matmul instead (model.moe.gmm_impl, the kernel train.py runs on a
+    GPU), charged as opaque calls whose device memory is their output alone, which is what
+    the kernels allocate (`plan_gmm_kernels_as_opaque_calls`). `--dispatch=capacity`
+    (exact-size buffers, batched einsums) is the other path.
 """
 from __future__ import annotations
 
@@ -57,6 +60,37 @@ def largest_values(hlo: str, n: int):
     return sorted(found, key=lambda t: -t[0])[:n]
 
 
+def plan_gmm_kernels_as_opaque_calls() -> None:
+    """Register, for this process, stand-ins of the Pallas gmm/tgmm that XLA cannot see into.
+
+    Each is a `jax.pure_callback` with the kernel's exact output shape and dtype, so the plan
+    charges the grouped matmuls what the Pallas kernels allocate in device memory: their
+    output and nothing else (they read lhs/rhs in tiles into SRAM/VMEM; the tile schedule,
+    a few int32 per tile, is computed outside the kernel, in the plan too). Interpret mode
+    would not do: it pads and upcasts whole operands (GiB-sized f32 copies per layer). The
+    numbers the callbacks return are never computed (nothing runs), and the custom_vjp of
+    pallas_kernels/grouped_matmul/api.py still routes the backward to gmm(transposed) + tgmm.
+    """
+    import jax
+    import numpy as np
+
+    from pallas_kernels.grouped_matmul import api, gpu
+
+    def opaque(shape, dtype, *operands):
+        out = jax.ShapeDtypeStruct(shape, dtype)
+        return jax.pure_callback(lambda *_: np.zeros(shape, dtype), out, *operands)
+
+    def gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, tiles, interpret):
+        n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+        return opaque((lhs.shape[0], n), out_dtype, lhs, rhs, group_sizes)
+
+    def tgmm(lhs, dout, group_sizes, *, out_dtype, tiles, interpret):
+        shape = (group_sizes.shape[0], lhs.shape[1], dout.shape[1])
+        return opaque(shape, out_dtype, lhs, dout, group_sizes)
+
+    api.register_backend("pallas_gpu", api.Kernels(gmm, tgmm, gpu.Tiles))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(PLANS), default="llama3_70b")
@@ -72,6 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--capacity-factor", type=float, default=1.25, help="with --dispatch=capacity")
     p.add_argument("--capacity-scope", default="shard", choices=("global", "shard"),
                    help="with --dispatch=capacity (sharding/expert.py)")
+    p.add_argument("--gmm", default="ragged_dot", choices=("ragged_dot", "kernel"),
+                   help="the dropless experts' grouped matmul: XLA:CPU's ragged_dot (densely "
+                        "expanded) or the Pallas gmm/tgmm as opaque calls (module docstring)")
     p.add_argument("--largest", type=int, default=0, help="print the N largest HLO values")
     p.add_argument("--out", default=None, help="append a markdown row to this file")
     return p.parse_args(argv)
@@ -109,6 +146,9 @@ def main(argv=None):
     if cfg.moe is not None and args.dispatch:
         cfg.moe.dispatch = args.dispatch
         cfg.moe.capacity_factor = args.capacity_factor if args.dispatch == "capacity" else None
+    if cfg.moe is not None and args.gmm == "kernel":
+        cfg.moe.gmm_impl = "pallas_gpu"
+        plan_gmm_kernels_as_opaque_calls()
     mesh, rules = sharding.make_mesh(mesh_cfg), sharding.make_rules(preset)
     sharding.check_model_config(cfg, mesh, rules)
     total, active = count_params(cfg)

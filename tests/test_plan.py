@@ -27,3 +27,17 @@ def test_deepseek_v3_layer_with_capacity_routing_compiles_sharded_and_fits():
     assert 0 < peak < 80, out
     assert int(re.search(r"'all-to-all': (\d+)", out).group(1)) > 0, out
     assert "256 devices [fsdp=32,expert=8]" in out
+
+
+def test_deepseek_v3_dropless_layer_with_the_gmm_kernel_fits():
+    """The dropless path planned with the Pallas grouped matmul (`--gmm=kernel`: opaque calls
+    charged their output alone) fits where XLA:CPU's densely expanded ragged_dot needed
+    ~900 GiB for this one layer (bench/results/plan.md)."""
+    out = subprocess.run(
+        [sys.executable, "bench/plan.py", "--model=deepseek_v3", "--layers=1", "--dispatch=dropless",
+         "--gmm=kernel", "--param-dtype=bfloat16", "--seq=2048"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}).stdout
+    peak = float(re.search(r"-> peak ([\d.]+) GiB", out).group(1))
+    assert 0 < peak < 80, out
+    assert int(re.search(r"'all-to-all': (\d+)", out).group(1)) > 0, out
