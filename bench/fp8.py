@@ -42,7 +42,7 @@ def time_matmul(m: int, k: int, n: int, mode: str, reps: int = 5) -> float:
     return median_time(jax.jit(fwd_bwd), x, w, dy, reps=reps)
 
 
-def loss_run(mode: str, steps: int, smoke: bool) -> dict:
+def loss_run(mode: str, steps: int, smoke: bool, seed: int = 0) -> dict:
     from configs.llama3 import get_config
     from train import train_and_evaluate
     cfg = get_config("tiny")
@@ -51,6 +51,7 @@ def loss_run(mode: str, steps: int, smoke: bool) -> dict:
                          mlp_dim=1536, max_seq_len=512, dtype="bfloat16")
         cfg.data.update(seq_len=512, batch_size=32)
     cfg.model.matmul_precision = mode
+    cfg.seed = seed  # initialisation and batch order
     cfg.optim.update(warmup_steps=min(100, steps // 10))
     cfg.train.update(steps=steps, eval_every=0, eval_batches=16, log_every=max(1, steps // 20),
                      checkpoint_every=0, sample_tokens=0)
@@ -65,6 +66,8 @@ def main(argv=None) -> None:
     p.add_argument("--modes", default=",".join(FAST_MODES), help=f"comma list of {MATMUL_PRECISIONS}")
     p.add_argument("--loss_steps", type=int, default=2000)
     p.add_argument("--loss_modes", default="bf16,fp8_rowwise", help="modes of the loss runs")
+    p.add_argument("--seeds", default="0", help="comma list of seeds of the loss runs (the "
+                   "spread between seeds says how much of a gap is noise)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: speed,matmul,loss")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
@@ -106,14 +109,15 @@ def main(argv=None) -> None:
                   f"{train_mfu.format_mfu(r['mfu'])} | {ratio} |", flush=True)
     if "loss" not in skip:
         steps = 4 if args.smoke else args.loss_steps
-        out = {mode: loss_run(mode, steps, args.smoke) for mode in args.loss_modes.split(",")}
-        print(f"\n| precision | train loss @ {steps} | val loss | val vs bf16 | tokens/s |")
-        print("|---|---|---|---|---|")
-        for mode, r in out.items():
-            print(f"| {mode} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | "
-                  f"{r['val_loss'] / out['bf16']['val_loss'] - 1:+.2%} | "
-                  f"{r['tokens_per_s'] or 0:,.0f} |", flush=True)
-
+        seeds = [int(x) for x in args.seeds.split(",")]
+        print(f"\n| precision | seed | train loss @ {steps} | val loss | val vs bf16 (same seed) | tokens/s |")
+        print("|---|---|---|---|---|---|")
+        for seed in seeds:
+            out = {mode: loss_run(mode, steps, args.smoke, seed) for mode in args.loss_modes.split(",")}
+            for mode, r in out.items():
+                print(f"| {mode} | {seed} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | "
+                      f"{r['val_loss'] / out['bf16']['val_loss'] - 1:+.2%} | "
+                      f"{r['tokens_per_s'] or 0:,.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -218,6 +218,7 @@ def _variants():
         "w8 s3": rep(num_warps=8, num_stages=3),
         "128x128x128 w8 s3": rep(block_k=128, num_warps=8, num_stages=3),
         "64x64x128 w4 s4": rep(block_m=64),
+        "128x64x128 w8 s4": rep(num_warps=8, num_stages=4),  # GMM_TILES with 128 rows
         "128x64x256 w8 s3": rep(block_n=256, num_warps=8, num_stages=3),
         "128x64x256 w8 s4": rep(block_n=256, num_warps=8, num_stages=4),
         "256x64x128 w8 s4": rep(block_m=256, num_warps=8, num_stages=4),
