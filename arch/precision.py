@@ -23,7 +23,10 @@ torchao's float8 rowwise does. Master weights and optimizer state stay f32: only
 operands of the matmul are cast.
 
 On Hopper, XLA lowers a dot of float8 operands with f32 output to cuBLASLt's FP8 GEMM;
-elsewhere it runs upcast (same numbers, no speed-up).
+elsewhere it runs upcast (same numbers, no speed-up). With jax 0.11.2 on an H200 a whole
+training step in fp8_rowwise did not finish compiling in 250 s under default flags, and
+compiled normally with `XLA_FLAGS=--xla_gpu_enable_triton_gemm=false` (the dots then go
+to cuBLASLt; bench/results/fp8.md): set it when training in fp8_rowwise on a GPU.
 
     >>> y = dot(x, w, "fp8_rowwise")            # x [..., K], w [K, N] -> [..., N] in x.dtype
 """
