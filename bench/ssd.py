@@ -7,8 +7,8 @@ At the same batch, heads and sequence length (bf16; Mamba-2's head_dim 64 and d_
 128; attention head_dim 64), times of the forward and of forward+backward:
 
   ssd kernel     pallas_kernels.ssd.ssd(impl="pallas_gpu" / "pallas_tpu"): the Pallas
-                 forward; its backward is still the autodiff of the chunked jnp form
-                 (api.py), so fwd+bwd = kernel forward + jnp forward and backward.
+                 forward, and on a GPU the kernel backward (ssd/gpu_bwd.py); the TPU
+                 kernel's backward is still the autodiff of the chunked jnp form (api.py).
   ssd jnp        ssd(impl="chunked"): reference.ssd_chunked, XLA (f32 inside).
   flash causal   pallas_kernels.attention(causal=True, impl="auto"): our flash attention.
 

@@ -23,11 +23,11 @@ impl:
                 mode off a TPU.
 
 Gradients: "reference" and "chunked" are differentiated by jax. The Pallas impls run
-their kernel forward under a `jax.custom_vjp` whose backward is, for now, the autodiff
-of the chunked jnp form (`jax.vjp(reference.ssd_chunked)`, recomputed from the inputs:
-the backward of last resort of DESIGN.md), so their gradients are exactly the chunked
-form's; a kernel backward (Mamba-2's chunk_scan/chunk_state backward kernels) is not
-written yet. `segment_ids` get no cotangent.
+their kernel forward under a `jax.custom_vjp`. Its backward is the backend's kernel
+backward where one is registered (`register_backward`: gpu_bwd.py for "pallas_gpu"),
+else the autodiff of the chunked jnp form (`jax.vjp(reference.ssd_chunked)`, recomputed
+from the inputs: the backward of last resort of DESIGN.md; the TPU kernel's for now).
+`segment_ids` get no cotangent.
 
 A backend is `forward(x, dt, A, B, C, D, segment_ids, initial_state, *, chunk_size,
 block_sizes, interpret) -> (y, final_state)`, registered with `register_backend`; it
@@ -56,12 +56,21 @@ PALLAS_IMPLS = ("pallas_gpu", "pallas_tpu")
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 _BACKENDS: dict[str, Callable] = {}
+_BACKWARDS: dict[str, Callable] = {}
 
 
 def register_backend(name: str, forward: Callable) -> None:
     if name not in PALLAS_IMPLS:
         raise ValueError(f"backend {name=} must be one of {PALLAS_IMPLS}")
     _BACKENDS[name] = forward
+
+
+def register_backward(name: str, backward: Callable) -> None:
+    """A backend's kernel backward; a backend without one is differentiated through the
+    chunked jnp form."""
+    if name not in PALLAS_IMPLS:
+        raise ValueError(f"backward {name=} must be one of {PALLAS_IMPLS}")
+    _BACKWARDS[name] = backward
 
 
 def resolve_impl(impl: str) -> str:
@@ -133,15 +142,22 @@ def _ssd_kernel_fwd(static, x, dt, A, B, C, D, segment_ids, initial_state):
 
 
 def _ssd_kernel_bwd(static, res, cotangents):
-    """The backward of last resort: autodiff of the chunked jnp form, recomputed."""
+    """The backend's kernel backward, or the backward of last resort: autodiff of the
+    chunked jnp form, recomputed."""
     x, dt, A, B, C, D, segment_ids, initial_state = res
+    dy, dstate = cotangents
+    if static.impl in _BACKWARDS:
+        dx, ddt, dA, dB, dC, dD, dinit = _BACKWARDS[static.impl](
+            x, dt, A, B, C, D, segment_ids, initial_state, dy, dstate,
+            chunk_size=static.chunk_size, block_sizes=static.block_sizes,
+            interpret=static.interpret)
+        return dx, ddt, dA, dB, dC, dD, None, dinit
 
     def chunked(x, dt, A, B, C, D, initial_state):
         return reference.ssd_chunked(x, dt, A, B, C, chunk_size=static.chunk_size, D=D,
                                      segment_ids=segment_ids, initial_state=initial_state)
 
     _, vjp = jax.vjp(chunked, x, dt, A, B, C, D, initial_state)
-    dy, dstate = cotangents
     dx, ddt, dA, dB, dC, dD, dinit = vjp((dy.astype(x.dtype), dstate.astype(jnp.float32)))
     return dx, ddt, dA, dB, dC, dD, None, dinit
 

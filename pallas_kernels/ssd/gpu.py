@@ -27,12 +27,13 @@ matmul operands are the inputs' dtype (bf16 in training) with f32 accumulation.
 
 Layout: BTHD as everywhere; per-token scalars [B, H, T]. The sequence is padded to whole
 chunks, head_dim and d_state to powers of two >= 16 (Triton tiles are powers of two;
-zero columns change nothing). No gradient here: pallas_kernels.ssd.ssd differentiates it.
+zero columns change nothing). No gradient here: the backward kernels are in gpu_bwd.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -215,30 +216,48 @@ def _chunk_scan(x, B, C, sc: reference.ChunkScalars, s_in, D, *, chunk, rep, blo
 
 
 # ----------------------------------------------------------------------------- forward
-def ssd_forward(x, dt, A, B, C, D, segment_ids, initial_state, *, chunk_size: int,
-                block_sizes: BlockSizes | None = None, interpret=None):
-    """(y [B, T, H, P], final state [B, H, P, N] f32) by the three kernels; no gradient."""
+class Setup(NamedTuple):
+    p_pad: int          # head_dim padded to a power of two >= 16
+    n_pad: int          # d_state, the same
+    blocks: BlockSizes  # the tiles, fitted to the chunk and the padded dims
+    interpret: bool
+
+
+def setup(x, B, chunk_size: int, block_sizes, interpret) -> Setup:
+    """Checks (NotImplementedError for what the tiles cannot take), padding and tiles."""
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a gpu.BlockSizes or None, got {block_sizes!r}")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise NotImplementedError(f"the Pallas GPU kernel needs a power-of-two {chunk_size=} >= 16")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    b, t, h, p = x.shape
-    g, n = B.shape[2:]
-    rep = h // g
+    p, n = x.shape[-1], B.shape[-1]
     p_pad, n_pad = _next_pow2(max(p, 16)), _next_pow2(max(n, 16))
     if n_pad > 256 or p_pad > 256:
         raise NotImplementedError(f"head_dim={p} and d_state={n} must be <= 256 for the GPU tiles")
     blocks = (block_sizes or BlockSizes()).fit(chunk_size, p_pad, n_pad)
+    return Setup(p_pad, n_pad, blocks, bool(interpret))
+
+
+def pad_last(a, to: int):
+    """Zero-pad the last axis to `to` (zero columns change no product)."""
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, to - a.shape[-1])])
+
+
+def ssd_forward(x, dt, A, B, C, D, segment_ids, initial_state, *, chunk_size: int,
+                block_sizes: BlockSizes | None = None, interpret=None):
+    """(y [B, T, H, P], final state [B, H, P, N] f32) by the three kernels; no gradient."""
+    p_pad, n_pad, blocks, interpret = setup(x, B, chunk_size, block_sizes, interpret)
+    b, t, h, p = x.shape
+    g, n = B.shape[2:]
+    rep = h // g
     xp, dtp, Bp, Cp, seq = reference.pad_to_chunks(x, dt, B, C, segment_ids, chunk_size)
     sc = reference.chunk_scalars(dtp, A, seq, chunk_size)
-    pad_last = lambda a, to: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, to - a.shape[-1])])
     xp, Bp, Cp = pad_last(xp, p_pad), pad_last(Bp, n_pad), pad_last(Cp, n_pad)
     init = jnp.zeros((b, h, p_pad, n_pad), f32) if initial_state is None else jnp.pad(
         initial_state.astype(f32), [(0, 0), (0, 0), (0, p_pad - p), (0, n_pad - n)])
     D = jnp.zeros((h,), f32) if D is None else D.astype(f32)
-    kw = dict(blocks=blocks, interpret=bool(interpret))
+    kw = dict(blocks=blocks, interpret=interpret)
     local = _chunk_state(xp, Bp, sc.w_end, chunk=chunk_size, rep=rep, **kw)
     s_in, final = _state_passing(local, sc.gate, init, **kw)
     y = _chunk_scan(xp, Bp, Cp, sc, s_in, D, chunk=chunk_size, rep=rep, **kw)

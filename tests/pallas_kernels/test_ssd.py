@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ssd import api, gpu, reference, ssd, ssd_step, tpu
+from pallas_kernels.ssd import api, gpu, gpu_bwd, reference, ssd, ssd_step, tpu
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_TPU = jax.default_backend() == "tpu"
@@ -139,8 +139,8 @@ def _tolerance():
 
 
 def test_gpu_kernel_values_and_grads(case):
-    """Values against the recurrence; gradients through the api's custom_vjp (shared by
-    both Pallas impls: its backward is the chunked form's autodiff)."""
+    """Values against the recurrence; gradients of the kernel backward (gpu_bwd.py) against
+    the recurrence's autodiff."""
     args, (want_out, want_grads) = case
     kernel = functools.partial(ssd, impl="pallas_gpu", return_final_state=True,
                                **KERNELS["pallas_gpu"])
@@ -183,6 +183,17 @@ def test_kernels_lower_for_their_devices():
     fwd = jax.jit(lambda *a: gpu.ssd_forward(*a, chunk_size=64, interpret=False))
     text = fwd.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3  # chunk_state, state_passing, chunk_scan
+    # The backward: chunk_state and state_passing (recompute, then dS and its reverse pass),
+    # rows and cols: 6 kernels, and the forward's 3 under the vjp.
+    cot = (S((b, t, h, p), jnp.bfloat16), S((b, h, p, n), jnp.float32))
+    bwd = jax.jit(lambda *a: gpu_bwd.ssd_backward(*a[:8], *a[8:], chunk_size=64, interpret=False))
+    text = bwd.trace(*shapes, *cot).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 6
+    grad = jax.jit(jax.value_and_grad(lambda *a: api.ssd(*a[:5], D=a[5], segment_ids=a[6], initial_state=a[7],
+                                               impl="pallas_gpu", interpret=False)
+                            .astype(jnp.float32).sum(), argnums=(0, 1, 2, 3, 4, 5, 7)))
+    text = grad.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 9
     fwd = jax.jit(lambda *a: tpu.ssd_forward(*a, chunk_size=128, interpret=False))
     device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
     with jax.sharding.use_abstract_mesh(
