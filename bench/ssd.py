@@ -192,8 +192,8 @@ def main(argv=None):
                     f"- Device: {device}; jax {jax.__version__}; kernel impl {kernel_impl!r}.\n"
                     f"- Command: `PYTHONPATH=. python bench/ssd.py --out {args.out}`\n"
                     "- bf16 inputs; times in ms (median of 5); ratios = other / kernel "
-                    "(> 1: the kernel is faster). The kernel's backward is the chunked jnp "
-                    "form's autodiff (pallas_kernels/ssd/api.py).\n\n" + md + "\n")
+                    "(> 1: the kernel is faster). On a GPU the kernel's backward is "
+                    "ssd/gpu_bwd.py; on a TPU the chunked jnp form's autodiff (ssd/api.py).\n\n" + md + "\n")
 
 
 if __name__ == "__main__":

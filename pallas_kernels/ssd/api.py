@@ -10,11 +10,10 @@ D [H], segment_ids [B, T] (the state is reset where the segment changes), initia
 and the final state [B, H, P, N] in f32. Semantics: reference.ssd_recurrence.
 
 impl:
-  "auto"        "chunked" for now, on every platform (KERNELS_IN_AUTO): the GPU kernel
-                is faster forward-only but not in training (its backward is the chunked
-                form's); with a kernel backward, "pallas_gpu" on a GPU, "pallas_tpu" on
-                a TPU, and a kernel that cannot take the call (NotImplementedError)
-                falls back to "chunked".
+  "auto"        the platform's kernel where it was timed faster (KERNELS_IN_AUTO: GPUs
+                only), else "chunked" (CPU, and TPU until its kernel runs on one); a
+                kernel that cannot take the call (NotImplementedError) falls back to
+                "chunked".
   "reference"   reference.ssd_recurrence: a lax.scan over tokens (the definition; slow).
   "chunked"     reference.ssd_chunked: the chunked SSD in plain jnp (f32).
   "pallas_gpu"  gpu.py: Mamba-2's three Triton kernels (chunk states, state passing,
@@ -45,13 +44,12 @@ import jax.numpy as jnp
 from pallas_kernels.ssd import reference
 
 IMPLS = ("auto", "reference", "chunked", "pallas_gpu", "pallas_tpu")
-# The GPU kernels run compiled on an H200 (`JAX_PLATFORMS=cuda,cpu pytest
-# tests/pallas_kernels/test_ssd.py`: values and gradients match). Timed there
-# (bench/results/ssd.md), the forward is 2.9-3.6x the chunked jnp form but forward+backward
-# only 1.0-1.17x, and a hybrid's train step 7% slower (the backward recomputes the jnp
-# forward); the TPU kernel never ran on a TPU. So "auto" runs the chunked form, and the
-# kernels run when named (prefill, say).
-KERNELS_IN_AUTO = False
+# The platforms whose kernel "auto" picks. The GPU kernels run compiled on an H200
+# (`JAX_PLATFORMS=cuda,cpu pytest tests/pallas_kernels/test_ssd.py`: values and gradients
+# match). Timed there (bench/results/ssd.md), forward+backward with the kernel backward is
+# 2.1-2.5x the chunked jnp form, and a 1B hybrid's train step 1.19x faster. The TPU kernel
+# never ran on a TPU (and its backward is still the chunked form's), so TPUs run "chunked".
+KERNELS_IN_AUTO = ("gpu",)
 PALLAS_IMPLS = ("pallas_gpu", "pallas_tpu")
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -74,15 +72,15 @@ def register_backward(name: str, backward: Callable) -> None:
 
 
 def resolve_impl(impl: str) -> str:
-    """The impl that runs: "auto" becomes the platform's kernel, or "chunked" on CPU."""
+    """The impl that runs: "auto" becomes the platform's kernel (KERNELS_IN_AUTO), else "chunked"."""
     if impl not in IMPLS:
         raise ValueError(f"ssd {impl=} must be one of {IMPLS}")
     if impl != "auto":
         return impl
-    if not KERNELS_IN_AUTO:
+    platform = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
+    if platform not in KERNELS_IN_AUTO:
         return "chunked"
-    return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(
-        jax.default_backend(), "chunked")
+    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform, "chunked")
 
 
 # ----------------------------------------------------------------------------- checks
