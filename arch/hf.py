@@ -7,7 +7,7 @@
 
 `load` picks the family from `config.json`'s `model_type` (llama, mistral, mixtral,
 qwen2, qwen3, qwen3_moe, gemma3_text / gemma3, olmo2, deepseek_v3 / kimi_k2, gpt2,
-smollm3), translates the config (arch/hf_config.py), builds the model abstractly with
+smollm3, mamba2), translates the config (arch/hf_config.py), builds the model abstractly with
 `nnx.eval_shape` (nothing allocated), then streams the checkpoint one tensor at a time
 (`safetensors.safe_open(..., framework="numpy")`), reshaping each into our layout
 (arch/hf_names.py) and placing it; the checkpoint is never held twice. Per-expert
@@ -302,7 +302,9 @@ def save(model, cfg, path: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
         if pieces[0][0].split is None:
             return np.ascontiguousarray(pieces[0][1])
         pieces.sort(key=lambda p: p[0].split[1])
-        return np.concatenate([p for _, p in pieces], axis=pieces[0][0].split[0])
+        # C order: transposed (torch Linear) pieces concatenate to a Fortran-ordered array,
+        # whose bytes safetensors would write as they lie in memory.
+        return np.ascontiguousarray(np.concatenate([p for _, p in pieces], axis=pieces[0][0].split[0]))
 
     os.makedirs(path, exist_ok=True)
     shards = _plan_shards(sorted(by_name), by_name, flat, max_shard_bytes)

@@ -20,27 +20,27 @@ import math
 
 import ml_collections as mlc
 
-from configs.base import get_base_config, mla_defaults, moe_defaults
+from configs.base import get_base_config, mla_defaults, moe_defaults, ssm_defaults
 
 # HF model_type -> our family name (cfg.model.family); `save` maps back with FAMILY_TO_TYPE.
 MODEL_TYPES = {
     "llama": "llama", "mistral": "mistral", "mixtral": "mixtral", "qwen2": "qwen25",
     "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "gemma3_text": "gemma3", "gemma3": "gemma3",
     "olmo2": "olmo2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3", "gpt2": "gpt2",
-    "smollm3": "smollm3",
+    "smollm3": "smollm3", "mamba2": "mamba2",
 }
 FAMILY_TO_TYPE = {
     "llama": "llama", "mistral": "mistral", "mixtral": "mixtral", "qwen25": "qwen2",
     "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe", "gemma3": "gemma3_text",
     "olmo2": "olmo2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3", "gpt2": "gpt2",
-    "smollm3": "smollm3",
+    "smollm3": "smollm3", "mamba2": "mamba2",
 }
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM", "gpt2": "GPT2LMHeadModel",
-    "smollm3": "SmolLM3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM", "mamba2": "Mamba2ForCausalLM",
 }
 # HF layer_types -> our layer kinds (arch/attention.py LAYER_KINDS).
 LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
@@ -348,10 +348,44 @@ def _gpt2(hf, m) -> None:
              tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
 
 
+def _json_float(v) -> float:
+    """A float of config.json: a number, a string ("Infinity"), or transformers 5's
+    {"__float__": "Infinity"} for the values JSON has no number for."""
+    return float(v["__float__"] if isinstance(v, dict) else v)
+
+
+def _mamba2(hf, m) -> None:
+    """transformers' Mamba2Config (its defaults where a field is absent). Its gated norm
+    spans all heads whatever n_groups is (our `ssm.norm_groups=1`; Mamba-2's own kernels
+    normalise per group); the residual stream is kept in the model's dtype (HF:
+    residual_in_fp32), the same in f32."""
+    _require(hf, "hidden_act", ("silu",), "silu")
+    _require(hf, "use_bias", (False,), False)
+    _require(hf, "use_conv_bias", (True,), True)
+    _require(hf, "rms_norm", (True,), True)
+    limit = tuple(_json_float(v) for v in (hf.get("time_step_limit") or (0.0, math.inf)))
+    if limit != (0.0, math.inf):
+        _fail("time_step_limit", limit, "(0.0, inf): our Mamba-2 layer does not clamp dt")
+    d, expand, head_dim = int(hf["hidden_size"]), int(hf.get("expand", 2)), int(hf.get("head_dim", 64))
+    heads = int(hf.get("num_heads", expand * d // head_dim))
+    if heads * head_dim != expand * d:
+        _fail("num_heads", heads, f"expand * hidden_size / head_dim = {expand * d / head_dim:g}")
+    m.update(vocab_size=int(hf["vocab_size"]), d_model=d, num_layers=int(hf["num_hidden_layers"]),
+             norm="rmsnorm", norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), block_mlp=False,
+             tie_embeddings=bool(hf.get("tie_word_embeddings", False)), layer_pattern=("mamba",),
+             position_embedding="none", max_seq_len=int(hf.get("max_position_embeddings", 4096)))
+    m.ssm = ssm_defaults()
+    groups = int(hf.get("n_groups", 8))
+    m.ssm.update(d_state=int(hf.get("state_size", 128)), d_conv=int(hf.get("conv_kernel", 4)),
+                 expand=expand, head_dim=head_dim, n_groups=groups,
+                 chunk_size=int(hf.get("chunk_size", 256)),
+                 norm_groups=1 if groups > 1 else None)  # transformers' norm spans all heads
+
+
 FAMILIES = {
     "llama": _llama, "mistral": _llama, "mixtral": _mixtral, "qwen25": _qwen2, "qwen3": _qwen3,
     "qwen3_moe": _qwen3_moe, "gemma3": _gemma3, "olmo2": _olmo2, "deepseek_v3": _deepseek_v3,
-    "gpt2": _gpt2, "smollm3": _smollm3,
+    "gpt2": _gpt2, "smollm3": _smollm3, "mamba2": _mamba2,
 }
 
 
@@ -387,13 +421,19 @@ def from_hf(hf: dict, dtype: str = "float32") -> mlc.ConfigDict:
 _NOT_ARCHITECTURE = {"family", "dtype", "param_dtype", "attention_impl", "scan_layers", "remat",
                      "track_max_logits", "init_std", "dropout", "attention_dropout", "moe.aux_loss_coef", "moe.z_loss_coef",
                      "moe.bias_update_rate", "moe.dispatch", "moe.capacity_factor",
-                     "moe.aux_loss_granularity"}
+                     "moe.aux_loss_granularity", "ssm.impl"}
+# Attention and MLP fields, which a model of Mamba-2 layers alone never reads.
+_SSM_ONLY_UNUSED = {"num_heads", "num_kv_heads", "head_dim", "mlp_dim", "activation", "attn_bias",
+                    "attn_out_bias", "mlp_bias", "rope_theta", "rope_scaling", "rope_fraction",
+                    "rope_interleaved", "rope_local_theta", "rope_local_scaling", "qk_norm",
+                    "qk_norm_per_head", "sliding_window", "logit_soft_cap", "query_pre_attn_scalar",
+                    "attention_sinks", "chunk_size"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k in ("moe", "mla"):
+        if isinstance(v, dict) and k in ("moe", "mla", "ssm"):
             out.update(_flatten(v, f"{k}."))
         else:
             out[prefix + k] = v
@@ -409,6 +449,8 @@ def to_hf(m) -> dict:
     unused = set()  # fields the model does not read in this configuration
     if m.mla is not None:
         unused |= {"head_dim", "num_kv_heads"}
+    if out["model_type"] == "mamba2":
+        unused |= _SSM_ONLY_UNUSED
     if m.moe is not None and m.moe.first_k_dense == 0 and m.moe.every == 1:
         unused |= {"mlp_dim", "moe.dense_mlp_dim"}
     for field in sorted(set(ours) | set(back)):
@@ -436,6 +478,16 @@ def _to_hf(m) -> dict:
         out.update(n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.mlp_dim,
                    n_positions=m.max_seq_len, activation_function=act, layer_norm_epsilon=m.norm_eps,
                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return out
+    if model_type == "mamba2":
+        s = m.ssm
+        if s is None:
+            raise ValueError("model.family='mamba2' needs model.ssm (configs/hybrid.py:arch=mamba2)")
+        out.update(hidden_size=m.d_model, num_hidden_layers=m.num_layers, layer_norm_epsilon=m.norm_eps,
+                   state_size=s.d_state, conv_kernel=s.d_conv, expand=s.expand, head_dim=s.head_dim,
+                   num_heads=s.expand * m.d_model // s.head_dim, n_groups=s.n_groups,
+                   chunk_size=s.chunk_size, use_bias=False, use_conv_bias=True, hidden_act="silu",
+                   rms_norm=True, residual_in_fp32=True, max_position_embeddings=m.max_seq_len)
         return out
     out.update(hidden_size=m.d_model, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
                num_key_value_heads=m.num_kv_heads,

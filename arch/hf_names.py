@@ -15,7 +15,8 @@ checkpoint must have without allocating anything).
 Family differences are few: MLP / attention names are shared by the Llama-like models;
 Mixtral names its experts w1/w3/w2 under `block_sparse_moe`; Gemma 3 and OLMo 2 differ
 in which norms exist (sandwich vs output-only); DeepSeek-V3 has MLA projections, shared
-experts and the router's `e_score_correction_bias` (our RouterBias); GPT-2 is its own.
+experts and the router's `e_score_correction_bias` (our RouterBias); GPT-2 and Mamba-2
+(`backbone.layers.{i}.mixer`: one fused in_proj, a depthwise Conv1d) are their own.
 Gemma's (1 + w) RMSNorm weights are stored as w by both sides, so they copy unchanged,
 and DeepSeek's interleaved RoPE pairs need no permutation (see arch/mla.py).
 
@@ -57,6 +58,12 @@ def conv1d(in_shape: tuple, out_shape: tuple):
     """GPT-2 Conv1D weight [in, out] <-> our kernel [*in_shape, *out_shape]."""
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     return (lambda w: w.reshape(in_shape + out_shape), lambda k: k.reshape(n_in, n_out))
+
+
+def depthwise_conv():
+    """torch Conv1d(groups=C) weight [C, 1, K] <-> our conv_weight [K, C] (arch/ssm.py)."""
+    return (lambda w: w.reshape(w.shape[0], w.shape[2]).T,
+            lambda k: k.T.reshape(k.shape[1], 1, k.shape[0]))
 
 
 def vector(shape: tuple):
@@ -207,9 +214,39 @@ def _gpt2(m) -> list[Entry]:
     return out
 
 
+def _mamba2(m) -> list[Entry]:
+    """Mamba-2 (transformers' Mamba2ForCausalLM): one fused in_proj [z | x | B | C | dt],
+    split into our five projections; the conv over (x, B, C) with its bias."""
+    from arch.ssm import ssm_dims
+
+    d = m.d_model
+    h, p, g, n, _ = ssm_dims(m)
+    out = [_e("backbone.embeddings.weight", ("embed", "embedding"))]
+    for i in range(m.num_layers):
+        x, o = f"backbone.layers.{i}.", ("stack", "layers", i)
+        mx, t = x + "mixer.", o + ("mamba",)
+        start = 0
+        for name, shape in (("in_z", (h, p)), ("in_x", (h, p)), ("in_b", (g, n)), ("in_c", (g, n)),
+                            ("in_dt", (h,))):
+            size = math.prod(shape)
+            out.append(_e(mx + "in_proj.weight", t + (name, "kernel"), linear((d,), shape),
+                          split=(0, start, start + size)))
+            start += size
+        out += [_e(mx + "conv1d.weight", t + ("conv_weight",), depthwise_conv()),
+                _e(mx + "conv1d.bias", t + ("conv_bias",)),
+                _e(mx + "dt_bias", t + ("dt_bias",)), _e(mx + "A_log", t + ("A_log",)),
+                _e(mx + "D", t + ("D",)), _e(mx + "norm.weight", t + ("norm", "scale")),
+                _e(mx + "out_proj.weight", t + ("out", "kernel"), linear((h, p), (d,))),
+                _e(x + "norm.weight", o + ("attn_norm", "scale"))]
+    out.append(_e("backbone.norm_f.weight", ("final_norm", "scale")))
+    if not m.tie_embeddings:
+        out.append(_e("lm_head.weight", ("lm_head", "kernel"), linear((d,), (m.vocab_size,))))
+    return out
+
+
 def tensor_entries(m) -> list[Entry]:
     """Every (HF tensor piece, our parameter piece) pair of model config `m`."""
-    return _gpt2(m) if m.family == "gpt2" else _decoder(m)
+    return {"gpt2": _gpt2, "mamba2": _mamba2}.get(m.family, _decoder)(m)
 
 
 # ---------------------------------------------------------------------------- checkpoint names

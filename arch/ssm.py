@@ -86,6 +86,10 @@ def validate_ssm_config(cfg) -> None:
     if heads % s.n_groups:
         raise ValueError(f"model.ssm.n_groups={s.n_groups} must divide the {heads} SSM heads "
                          f"(model.ssm.expand * model.d_model / model.ssm.head_dim)")
+    ng = s.get("norm_groups")
+    if ng is not None and (isinstance(ng, bool) or not isinstance(ng, int) or ng < 1 or heads % ng):
+        raise ValueError(f"model.ssm.norm_groups={ng!r} must be None (= n_groups) or a positive "
+                         f"int dividing the {heads} SSM heads")
     c = s.chunk_size
     if s.impl == "pallas_gpu" and (c < 16 or c & (c - 1)):
         raise ValueError(f"model.ssm.chunk_size={c} must be a power of two >= 16 for "
@@ -194,7 +198,7 @@ class Mamba2(nnx.Module):
         self.dt_bias = param(rngs, (h,), ("heads",), init=_dt_bias_init)
         self.A_log = param(rngs, (h,), ("heads",), init=_a_log_init)
         self.D = logical_param(jnp.ones((h,), f32), ("heads",))
-        self.norm = GatedRMSNorm(h * p, groups=g, eps=cfg.norm_eps)
+        self.norm = GatedRMSNorm(h * p, groups=s.get("norm_groups") or g, eps=cfg.norm_eps)
         self.out = Linear((h, p), d, in_axes=("heads", "head_dim"), out_axes=("embed",), **kw)
 
     def __call__(self, u, *, positions=None, segment_ids=None, cache=None):

@@ -184,6 +184,8 @@ def ssm_defaults() -> mlc.ConfigDict:
         expand=2,                    # inner width = expand * d_model
         head_dim=16,                 # P: channels per SSM head; heads = expand * d_model / head_dim
         n_groups=1,                  # groups of heads sharing B and C (as kv heads in GQA)
+        norm_groups=None,            # groups of the gated RMSNorm: None = n_groups (Mamba-2's
+                                     # kernels), 1 = one norm over all heads (transformers' Mamba2)
         chunk_size=64,               # tokens per chunk of the chunked SSD (Mamba-2: 256)
         impl="auto",                 # auto | reference | chunked | pallas_gpu | pallas_tpu (pallas_kernels/ssd)
     ))

@@ -78,6 +78,12 @@ FIXTURES = {
     # Every 3rd layer without RoPE.
     "smollm3": ("SmolLM3Config", dict(_DECODER, num_hidden_layers=3, no_rope_layer_interval=3,
                                       rope_theta=5e6)),
+    # Mamba-2: 8 heads of 16 channels, 2 groups of B/C, chunks of 8 (3 per sequence), tied.
+    "mamba2": ("Mamba2Config", dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, expand=2,
+                                    head_dim=16, num_heads=8, n_groups=2, state_size=16,
+                                    conv_kernel=4, chunk_size=8, layer_norm_epsilon=1e-5,
+                                    tie_word_embeddings=True, pad_token_id=None,
+                                    bos_token_id=None, eos_token_id=None)),
 }
 
 

@@ -56,7 +56,7 @@ def _config(name):
 
 def test_all_families_have_fixtures():
     assert set(NAMES) >= {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma3",
-                          "olmo2", "deepseek_v3", "gpt2"}
+                          "olmo2", "deepseek_v3", "gpt2", "mamba2"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -80,6 +80,10 @@ def test_translated_features():
     assert d.mla.q_lora_rank == 32 and d.moe.first_k_dense == 1
     assert from_hf(_config("smollm3")).model.layer_pattern == ("global", "global", "nope")
     assert from_hf(_config("qwen3_moe")).model.moe.first_k_dense == 1
+    s = from_hf(_config("mamba2")).model
+    # 2 groups of B/C, but transformers' gated norm spans all 8 heads (fixture: n_groups=2).
+    assert s.layer_pattern == ("mamba",) and s.ssm.n_groups == 2 and s.ssm.norm_groups == 1
+    assert s.ssm.chunk_size == 8 and s.tie_embeddings  # 3 chunks over the 24 tokens
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -204,6 +208,27 @@ def test_wrong_shape(tmp_path):
     _rewrite(path, tensors)
     with pytest.raises(ValueError, match=r"tensor 'model\.layers\.2\.self_attn\.kv_b_proj\.weight' has shape"):
         hf.load(path)
+
+
+@pytest.mark.parametrize("field,value", [("time_step_limit", [0.0, 10.0]), ("use_bias", True),
+                                         ("num_heads", 6)])
+def test_unsupported_mamba2_config_value(field, value, tmp_path):
+    path = _copy("mamba2", tmp_path)
+    _rewrite(path, config=dict(_config("mamba2"), **{field: value}))
+    with pytest.raises(ValueError, match=field):
+        hf.load(path)
+
+
+def test_mamba2_export_needs_transformers_norm(tmp_path):
+    """Our per-group gated norm (configs/hybrid.py:arch=mamba2 with n_groups > 1) has no
+    transformers Mamba2 equivalent: refused, nothing written."""
+    from configs.hybrid import get_config
+    cfg = get_config("tiny,arch=mamba2")
+    cfg.model.ssm.n_groups = 2
+    model = nnx.eval_shape(lambda: build_model(cfg.model, nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="model.ssm.norm_groups=None cannot be expressed in a mamba2"):
+        hf.save(model, cfg, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_export_rejects_what_hf_cannot_express(tmp_path):

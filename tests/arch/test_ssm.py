@@ -97,6 +97,8 @@ def test_bad_ssm_config_names_the_field():
         build(head_dim=24)
     with pytest.raises(ValueError, match="model.ssm.n_groups=3"):
         build(n_groups=3)
+    with pytest.raises(ValueError, match="model.ssm.norm_groups=3"):
+        build(norm_groups=3)
     with pytest.raises(ValueError, match="model.ssm.d_state=0"):
         build(d_state=0)
     with pytest.raises(ValueError, match="model.ssm.impl"):
@@ -119,7 +121,7 @@ def test_bad_ssm_config_names_the_field():
     with pytest.raises(ValueError, match="kind='paged'"):
         init_cache(tiny_cfg(), 1, 16, kind="paged")
     assert set(ssm_defaults()) == {"d_state", "d_conv", "expand", "head_dim", "n_groups",
-                                   "chunk_size", "impl"}
+                                   "norm_groups", "chunk_size", "impl"}
 
 
 def test_hybrid_config_variants():
