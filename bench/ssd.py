@@ -7,8 +7,7 @@ At the same batch, heads and sequence length (bf16; Mamba-2's head_dim 64 and d_
 128; attention head_dim 64), times of the forward and of forward+backward:
 
   ssd kernel     pallas_kernels.ssd.ssd(impl="pallas_gpu" / "pallas_tpu"): the Pallas
-                 forward, and on a GPU the kernel backward (ssd/gpu_bwd.py); the TPU
-                 kernel's backward is still the autodiff of the chunked jnp form (api.py).
+                 forward and the kernel backward (ssd/gpu_bwd.py, ssd/tpu_bwd.py).
   ssd jnp        ssd(impl="chunked"): reference.ssd_chunked, XLA (f32 inside).
   flash causal   pallas_kernels.attention(causal=True, impl="auto"): our flash attention.
 
@@ -192,8 +191,8 @@ def main(argv=None):
                     f"- Device: {device}; jax {jax.__version__}; kernel impl {kernel_impl!r}.\n"
                     f"- Command: `PYTHONPATH=. python bench/ssd.py --out {args.out}`\n"
                     "- bf16 inputs; times in ms (median of 5); ratios = other / kernel "
-                    "(> 1: the kernel is faster). On a GPU the kernel's backward is "
-                    "ssd/gpu_bwd.py; on a TPU the chunked jnp form's autodiff (ssd/api.py).\n\n" + md + "\n")
+                    "(> 1: the kernel is faster). The kernel's backward is ssd/gpu_bwd.py "
+                    "(GPU) or ssd/tpu_bwd.py (TPU).\n\n" + md + "\n")
 
 
 if __name__ == "__main__":

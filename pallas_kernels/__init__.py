@@ -23,7 +23,7 @@ BACKEND_MODULES = ("pallas_kernels.flash_attention.gpu", "pallas_kernels.flash_a
                    "pallas_kernels.paged_attention.gpu", "pallas_kernels.paged_attention.tpu",
                    "pallas_kernels.grouped_matmul.gpu", "pallas_kernels.grouped_matmul.tpu",
                    "pallas_kernels.ssd.gpu", "pallas_kernels.ssd.gpu_bwd",
-                   "pallas_kernels.ssd.tpu")
+                   "pallas_kernels.ssd.tpu", "pallas_kernels.ssd.tpu_bwd")
 
 
 def _import_backends() -> None:

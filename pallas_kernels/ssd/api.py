@@ -23,9 +23,10 @@ impl:
 
 Gradients: "reference" and "chunked" are differentiated by jax. The Pallas impls run
 their kernel forward under a `jax.custom_vjp`. Its backward is the backend's kernel
-backward where one is registered (`register_backward`: gpu_bwd.py for "pallas_gpu"),
-else the autodiff of the chunked jnp form (`jax.vjp(reference.ssd_chunked)`, recomputed
-from the inputs: the backward of last resort of DESIGN.md; the TPU kernel's for now).
+backward where one is registered (`register_backward`: gpu_bwd.py for "pallas_gpu",
+tpu_bwd.py for "pallas_tpu"), else the autodiff of the chunked jnp form
+(`jax.vjp(reference.ssd_chunked)`, recomputed from the inputs: the backward of last
+resort of DESIGN.md).
 `segment_ids` get no cotangent.
 
 A backend is `forward(x, dt, A, B, C, D, segment_ids, initial_state, *, chunk_size,
@@ -47,8 +48,8 @@ IMPLS = ("auto", "reference", "chunked", "pallas_gpu", "pallas_tpu")
 # The platforms whose kernel "auto" picks. The GPU kernels run compiled on an H200
 # (`JAX_PLATFORMS=cuda,cpu pytest tests/pallas_kernels/test_ssd.py`: values and gradients
 # match). Timed there (bench/results/ssd.md), forward+backward with the kernel backward is
-# 2.1-2.5x the chunked jnp form, and a 1B hybrid's train step 1.19x faster. The TPU kernel
-# never ran on a TPU (and its backward is still the chunked form's), so TPUs run "chunked".
+# 2.1-2.5x the chunked jnp form, and a 1B hybrid's train step 1.19x faster. The TPU
+# kernels (forward and backward) never ran on a TPU, so TPUs run "chunked".
 KERNELS_IN_AUTO = ("gpu",)
 PALLAS_IMPLS = ("pallas_gpu", "pallas_tpu")
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)

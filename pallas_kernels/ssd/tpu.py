@@ -29,7 +29,7 @@ a multiple of 128 (the lanes of those rows); interpret mode (off TPU,
     B = C = jnp.ones((1, 100, 1, 16)); A = -jnp.ones((4,))
     y, state = tpu.ssd_forward(x, dt, A, B, C, None, None, None, chunk_size=32)
 
-No gradient here: pallas_kernels.ssd.ssd differentiates it. Not yet run compiled on a TPU.
+No gradient here: the backward kernels are in tpu_bwd.py. Not yet run compiled on a TPU.
 """
 from __future__ import annotations
 

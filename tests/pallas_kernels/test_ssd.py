@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ssd import api, gpu, gpu_bwd, reference, ssd, ssd_step, tpu
+from pallas_kernels.ssd import api, gpu, gpu_bwd, reference, ssd, ssd_step, tpu, tpu_bwd
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_TPU = jax.default_backend() == "tpu"
@@ -150,12 +150,15 @@ def test_gpu_kernel_values_and_grads(case):
     chex.assert_trees_all_close(grads, want_grads, atol=1e-3, rtol=1e-3)
 
 
-def test_tpu_kernel_values(case):
-    args, (want_out, _) = case
+def test_tpu_kernel_values_and_grads(case):
+    """Values against the recurrence; gradients of the kernel backward (tpu_bwd.py) against
+    the recurrence's autodiff."""
+    args, (want_out, want_grads) = case
     kernel = functools.partial(ssd, impl="pallas_tpu", return_final_state=True,
                                **KERNELS["pallas_tpu"])
-    out = jax.jit(kernel)(**args)
+    out, grads = _jit_outputs_and_grads(kernel, args)
     chex.assert_trees_all_close(out, want_out, **_tolerance())
+    chex.assert_trees_all_close(grads, want_grads, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.slow
@@ -199,7 +202,11 @@ def test_kernels_lower_for_their_devices():
     with jax.sharding.use_abstract_mesh(
             jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
         text = fwd.trace(*shapes).lower(lowering_platforms=("tpu",)).as_text()
-    assert text.count("tpu_custom_call") == 1
+        assert text.count("tpu_custom_call") == 1
+        bwd = jax.jit(lambda *a: tpu_bwd.ssd_backward(*a[:8], *a[8:], chunk_size=128,
+                                                      interpret=False))
+        text = bwd.trace(*shapes, *cot).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 2  # the states, then the reverse pass
 
 
 # ----------------------------------------------------------------------------- api
