@@ -49,3 +49,29 @@ def test_family_trains_with_pallas_gpu_like_the_reference(family, corpus, tmp_pa
         losses[impl, dtype] = _losses(workdir, steps)
     assert {"_fwd_call", "_bwd_call"} <= set(traced)
     assert_kernel_curve_within_bf16_noise(losses, family)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Pallas GPU kernels: runs on a GPU")
+def test_hybrid_trains_with_the_ssd_kernel_like_the_chunked_form(corpus, tmp_path, monkeypatch):
+    """The Mamba-2 layers' SSD with the Pallas GPU kernels (forward and backward) trains on
+    the chunked jnp form's bf16 curve within bf16 noise; the kernels ran."""
+    from pallas_kernels.ssd import gpu, gpu_bwd
+
+    traced = []
+    for module, name in ((gpu, "ssd_forward"), (gpu_bwd, "ssd_backward")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: (
+            traced.append(_n), _f(*a, **k))[1])
+    from pallas_kernels.ssd import api
+    monkeypatch.setitem(api._BACKENDS, "pallas_gpu", gpu.ssd_forward)
+    monkeypatch.setitem(api._BACKWARDS, "pallas_gpu", gpu_bwd.ssd_backward)
+    steps, losses = 12, {}
+    for impl, dtype in (("chunked", "float32"), ("chunked", "bfloat16"), ("pallas_gpu", "bfloat16")):
+        cfg = family_config("hybrid", corpus, seq_len=128, batch_size=8, steps=steps)
+        cfg.model.update(attention_impl="pallas_gpu", dtype=dtype)
+        cfg.model.ssm.impl = impl
+        workdir = str(tmp_path / f"{impl}_{dtype}")
+        train_and_evaluate(cfg, workdir)
+        losses["reference" if impl == "chunked" else impl, dtype] = _losses(workdir, steps)
+    assert {"ssd_forward", "ssd_backward"} <= set(traced)
+    assert_kernel_curve_within_bf16_noise(losses, "hybrid ssd")
