@@ -34,7 +34,7 @@ from arch.common import Linear, check_choice, dtype_of, logical_param
 from arch.dropout import check_dropout_config, make_dropout, residual_rate
 from arch.norms import make_norm
 from arch.positional import LearnedPositions, SinusoidalPositions
-from arch.precision import MATMUL_PRECISIONS
+from arch.precision import MATMUL_PRECISIONS, check_expert_precision
 
 KINDS = ("decoder", "encoder", "encoder_decoder")
 REMAT = ("none", "full", "dots_saveable")
@@ -48,6 +48,8 @@ def validate_model_config(cfg) -> None:
     check_choice("model.kind", cfg.kind, KINDS)
     check_choice("model.remat", cfg.remat, REMAT)
     check_choice("model.matmul_precision", cfg.get("matmul_precision", "bf16"), MATMUL_PRECISIONS)
+    if cfg.get("moe") is not None:
+        check_expert_precision(cfg.get("matmul_precision", "bf16"))
     check_dropout_config(cfg)
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "max_seq_len"):
         value = cfg[field]

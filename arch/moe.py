@@ -51,6 +51,7 @@ from flax import nnx
 from arch.common import Linear, check_choice, dtype_of, logical_param, param
 from arch.mlp import MLP, activation_fn
 from arch.moe_dispatch import ExpertWeights, expert_capacity
+from arch.precision import check_expert_precision, expert_dot
 from pallas_kernels.grouped_matmul import IMPLS as GMM_IMPLS
 
 # Expert-parallel dispatch (all_to_all over the `expert` mesh axis) when sharding.activate()
@@ -198,7 +199,7 @@ def router_z_loss(logits, mask=None, *, coef: float = 1.0):
 
 
 # ----------------------------------------------------------------------------- reference
-def moe_dense_reference(x, experts, weights, w: ExpertWeights, act):
+def moe_dense_reference(x, experts, weights, w: ExpertWeights, act, *, precision: str = "bf16"):
     """The spec of the routed part: every expert on every token, masked by routing weights.
 
     combine[n, e] = weights[n, k] where experts[n, k] == e, else 0;
@@ -206,19 +207,22 @@ def moe_dense_reference(x, experts, weights, w: ExpertWeights, act):
 
     Args:
       x: [N, D]; experts, weights: [N, K]; w: stacked expert weights.
+      precision: model.matmul_precision of the expert matmuls (arch/precision.py expert_dot:
+        every expert sees all N tokens, so the rowwise scales are the fast paths').
     Returns:
       [N, D] in x's dtype.
     """
     n, e = x.shape[0], w.w_up.shape[0]
     gate = jnp.zeros((n, e), jnp.float32).at[jnp.arange(n)[:, None], experts].add(weights)  # [N, E]
     dt = x.dtype
-    h = jnp.einsum("nd,edf->nef", x, w.w_up.astype(dt))                      # [N, E, F]
+    xe = jnp.broadcast_to(x, (e,) + x.shape)                                  # [E, N, D]
+    h = expert_dot(xe, w.w_up, precision)                                     # [E, N, F]
     if w.w_gate is not None:
-        h = act(jnp.einsum("nd,edf->nef", x, w.w_gate.astype(dt))) * h
+        h = act(expert_dot(xe, w.w_gate, precision)) * h
     else:
         h = act(h)
-    y = jnp.einsum("nef,efd->ned", h, w.w_down.astype(dt))                   # [N, E, D]
-    return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), gate).astype(dt)
+    y = expert_dot(h, w.w_down, precision)                                    # [E, N, D]
+    return jnp.einsum("end,ne->nd", y.astype(jnp.float32), gate).astype(dt)
 
 
 # ----------------------------------------------------------------------------- module
@@ -255,6 +259,8 @@ class MoE(nnx.Module):
         self.aux_loss_granularity = m.get("aux_loss_granularity", "batch")
         self.dispatch, self.capacity_factor = m.dispatch, m.capacity_factor
         self.gmm_impl = m.get("gmm_impl", "auto")  # the dropless path's grouped matmul
+        self.precision = cfg.get("matmul_precision", "bf16")  # the experts' (arch/precision.py)
+        check_expert_precision(self.precision)
         self.bias_update_rate = float(m.bias_update_rate)
         self.dtype = dtype_of(cfg.dtype)
         pdt = dtype_of(cfg.param_dtype)
@@ -300,12 +306,14 @@ class MoE(nnx.Module):
 
         dropped = jnp.zeros((), jnp.float32)
         if self.dispatch == "dropless":
-            y = dropless_moe(xf, r.experts, r.weights, w, self.act, gmm_impl=self.gmm_impl)
+            y = dropless_moe(xf, r.experts, r.weights, w, self.act, gmm_impl=self.gmm_impl,
+                             precision=self.precision)
         elif self.dispatch == "dense":
-            y = moe_dense_reference(xf, r.experts, r.weights, w, self.act)
+            y = moe_dense_reference(xf, r.experts, r.weights, w, self.act, precision=self.precision)
         else:
             cap = expert_capacity(b * t, self.top_k, self.num_experts, self.capacity_factor)
-            y, keep = capacity_moe(xf, r.experts, r.weights, w, self.act, capacity=cap, valid=valid)
+            y, keep = capacity_moe(xf, r.experts, r.weights, w, self.act, capacity=cap, valid=valid,
+                                   precision=self.precision)
             vk = jnp.ones((b * t, 1)) if valid is None else valid[:, None].astype(jnp.float32)
             total = jnp.maximum(vk.sum() * self.top_k, 1.0)
             dropped = jnp.sum((1.0 - keep.astype(jnp.float32)) * vk) / total

@@ -40,7 +40,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.grouped_matmul import gmm
+from arch.precision import expert_dot, grouped_dot
 
 
 class ExpertWeights(NamedTuple):
@@ -52,7 +52,7 @@ class ExpertWeights(NamedTuple):
 
 # ----------------------------------------------------------------------------- experts
 def expert_ffn_grouped(x_sorted, group_sizes, w: ExpertWeights, act: Callable, *,
-                       gmm_impl: str = "auto"):
+                       gmm_impl: str = "auto", precision: str = "bf16"):
     """Each expert's MLP on its contiguous rows: rows [start_e, start_e + group_sizes[e]).
 
     Args:
@@ -63,6 +63,7 @@ def expert_ffn_grouped(x_sorted, group_sizes, w: ExpertWeights, act: Callable, *
       act: activation; gated (w.w_gate given) computes act(x W_gate) * (x W_up).
       gmm_impl: the grouped matmul's impl (pallas_kernels.grouped_matmul: "auto" is the
         platform's Pallas kernel, ragged_dot on CPU).
+      precision: model.matmul_precision of the three matmuls (arch/precision.py grouped_dot).
     Returns:
       [M, D] in x's dtype.
     """
@@ -72,22 +73,22 @@ def expert_ffn_grouped(x_sorted, group_sizes, w: ExpertWeights, act: Callable, *
         # columns, so the same numbers, from one pass over the rows.
         f = w.w_up.shape[-1]
         w_in = jnp.concatenate([w.w_gate, w.w_up], axis=-1).astype(dt)   # [E, D, 2F]
-        gate_up = gmm(x_sorted, w_in, group_sizes, impl=gmm_impl)        # [M, 2F]
+        gate_up = grouped_dot(x_sorted, w_in, group_sizes, precision, impl=gmm_impl)  # [M, 2F]
         h = act(gate_up[:, :f]) * gate_up[:, f:]                         # [M, F]
     else:
-        h = act(gmm(x_sorted, w.w_up.astype(dt), group_sizes, impl=gmm_impl))  # [M, F]
-    return gmm(h, w.w_down.astype(dt), group_sizes, impl=gmm_impl)      # [M, D]
+        h = act(grouped_dot(x_sorted, w.w_up, group_sizes, precision, impl=gmm_impl))  # [M, F]
+    return grouped_dot(h, w.w_down, group_sizes, precision, impl=gmm_impl)  # [M, D]
 
 
-def expert_ffn_buffered(buf, w: ExpertWeights, act: Callable):
-    """Each expert's MLP on its own fixed-size buffer: buf [E, C, D] -> [E, C, D]."""
-    dt = buf.dtype
-    h = jnp.einsum("ecd,edf->ecf", buf, w.w_up.astype(dt))
+def expert_ffn_buffered(buf, w: ExpertWeights, act: Callable, *, precision: str = "bf16"):
+    """Each expert's MLP on its own fixed-size buffer: buf [E, C, D] -> [E, C, D]
+    (`precision`: model.matmul_precision, arch/precision.py expert_dot)."""
+    h = expert_dot(buf, w.w_up, precision)
     if w.w_gate is not None:
-        h = act(jnp.einsum("ecd,edf->ecf", buf, w.w_gate.astype(dt))) * h
+        h = act(expert_dot(buf, w.w_gate, precision)) * h
     else:
         h = act(h)
-    return jnp.einsum("ecf,efd->ecd", h, w.w_down.astype(dt))
+    return expert_dot(h, w.w_down, precision)
 
 
 def combine(y_assign, weights):
@@ -140,13 +141,13 @@ def sort_by_expert(experts, num_experts: int):
 
 
 def dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *,
-                 gmm_impl: str = "auto"):
+                 gmm_impl: str = "auto", precision: str = "bf16"):
     """Dropless MoE: sort by expert, grouped matmuls, un-sort, weighted sum.
 
     Args:
       x: [N, D] tokens.
       experts: [N, K] int32 chosen experts; weights: [N, K] combine weights.
-      gmm_impl: the grouped matmul's impl (see `expert_ffn_grouped`).
+      gmm_impl, precision: the grouped matmuls' impl and precision (`expert_ffn_grouped`).
     Returns:
       [N, D] = sum_k weights[n, k] * FFN_{experts[n, k]}(x[n]).
     """
@@ -155,7 +156,8 @@ def dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *,
     inverse = jnp.argsort(order)            # argsort of a permutation is its inverse
     # Token n's K copies (token-major; the repeat's gradient sums them), grouped by expert.
     x_sorted = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)   # [N*K, D]
-    y_sorted = expert_ffn_grouped(x_sorted, group_sizes, w, act, gmm_impl=gmm_impl)  # [N*K, D]
+    y_sorted = expert_ffn_grouped(x_sorted, group_sizes, w, act, gmm_impl=gmm_impl,
+                                  precision=precision)                  # [N*K, D]
     # Un-sort: assignment order[i] gets row i.
     y_assign = permute_rows(y_sorted, inverse, order)            # [N*K, D] token-major
     return combine(y_assign.reshape(n, k, -1), weights)          # [N, D]
@@ -205,11 +207,12 @@ def capacity_slots(experts, num_experts: int, capacity: int, valid=None):
 
 
 def capacity_moe(x, experts, weights, w: ExpertWeights, act: Callable, *,
-                 capacity: int, valid=None):
+                 capacity: int, valid=None, precision: str = "bf16"):
     """Capacity-limited MoE with fixed [E, C, D] buffers (scatter in, batched FFN, gather out).
 
     Args:
       x: [N, D]; experts, weights: [N, K]; capacity: C; valid: optional [N] bool.
+      precision: model.matmul_precision of the expert matmuls (`expert_ffn_buffered`).
     Returns:
       y: [N, D], dropped assignments contribute 0.
       keep: [N, K] bool, which assignments were computed.
@@ -220,7 +223,7 @@ def capacity_moe(x, experts, weights, w: ExpertWeights, act: Callable, *,
     # Scatter: each kept assignment copies its token into its slot; slot E*C is dropped.
     buf = jnp.zeros((e * capacity, d), x.dtype)
     buf = buf.at[slot.reshape(-1)].add(jnp.repeat(x, k, axis=0), mode="drop")  # [E*C, D]
-    out = expert_ffn_buffered(buf.reshape(e, capacity, d), w, act)          # [E, C, D]
+    out = expert_ffn_buffered(buf.reshape(e, capacity, d), w, act, precision=precision)  # [E, C, D]
     # Gather: dropped assignments read the fill value 0.
     y_assign = out.reshape(e * capacity, d).at[slot].get(mode="fill", fill_value=0)  # [N, K, D]
     return combine(y_assign, weights), keep

@@ -1,9 +1,10 @@
 """Matmul precision: the one dot of every projection, in model.dtype or in FP8.
 
 `model.matmul_precision` picks how `Linear` (attention q/k/v/o, MLP, MLA projections)
-multiplies; embeddings, the output head, the MoE router and experts, norms and attention
-itself stay in model.dtype (DeepSeek-V3, arXiv:2412.19437 sec. 3.3, keeps embeddings,
-head, gating, norms and attention in higher precision too; the experts: not yet here).
+and the MoE experts (`grouped_dot`, `expert_dot`: tensorwise and rowwise) multiply;
+embeddings, the output head, the MoE router, norms and attention itself stay in
+model.dtype (DeepSeek-V3, arXiv:2412.19437 sec. 3.3, keeps embeddings, head, gating,
+norms and attention in higher precision too).
 
   "bf16"            x @ W in model.dtype (bf16 in every config; f32 in tests), no quantisation
   "fp8_tensorwise"  one scale per tensor
@@ -36,6 +37,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.grouped_matmul import gmm, tgmm
 
 MATMUL_PRECISIONS = ("bf16", "fp8_tensorwise", "fp8_rowwise", "fp8_blockwise")
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
@@ -177,3 +180,84 @@ def dot(x, w, precision: str = "bf16"):
             raise ValueError(f"model.matmul_precision='fp8_blockwise' needs the token count "
                              f"(batch x seq = {x2.shape[0]}) divisible by {BLOCK} (dW tiles)")
     return _fp8_dot(x2, w, precision).reshape(*lead, w.shape[1])
+
+
+# ----------------------------------------------------------------------------- MoE experts
+# The experts' FP8: each expert's matrix is its own tensor, so "tensorwise" is one scale per
+# expert ([G, 1, 1]) and "rowwise" one per (expert, output column) ([G, 1, N]); the tokens'
+# scales are per tensor / per row as above. Grouped rows of many experts then need their
+# expert's scales gathered per row after the grouped matmul. The backward's gradients are
+# E4M3 here (DeepSeek-V3's choice with current fine-grained scaling), not E5M2: the grouped
+# matmul takes one float8 dtype for both operands. Blockwise (per-128 slices of K, scaled
+# and summed) would need a grouped kernel that scales in its epilogue: not implemented.
+EXPERT_PRECISIONS = ("bf16", "fp8_tensorwise", "fp8_rowwise")
+
+
+def check_expert_precision(precision: str) -> None:
+    """ValueError for a precision the MoE experts cannot take (fp8_blockwise)."""
+    check_precision(precision)
+    if precision not in EXPERT_PRECISIONS:
+        raise ValueError(f"model.matmul_precision={precision!r} is not implemented for the MoE "
+                         f"experts; a model with MoE layers takes one of {EXPERT_PRECISIONS}")
+
+
+def expert_dot(x, w, precision: str = "bf16"):
+    """Each expert's matrix on its own rows: x [E, C, K], w [E, K, N] -> [E, C, N] in x.dtype
+    (the capacity buffers; `dot` per expert, so the scales are per expert)."""
+    if precision == "bf16":
+        return jnp.einsum("eck,ekn->ecn", x, w.astype(x.dtype))
+    check_expert_precision(precision)
+    return jax.vmap(functools.partial(dot, precision=precision))(x, w)
+
+
+def grouped_dot(x, w, group_sizes, precision: str = "bf16", *, impl: str = "auto"):
+    """Rows grouped by expert times their expert's matrix: x [M, K], w [G, K, N],
+    group_sizes [G] -> [M, N] in x.dtype (pallas_kernels.gmm with `impl`)."""
+    if precision == "bf16":
+        return gmm(x, w.astype(x.dtype), group_sizes, impl=impl)
+    check_expert_precision(precision)
+    return _fp8_grouped(x, w.astype(x.dtype), group_sizes, precision, impl)
+
+
+def _row_expert(group_sizes, rows: int):
+    """[rows] the expert of each row (rows past sum(group_sizes) get the last; their
+    output is 0 whatever their scale)."""
+    g = group_sizes.shape[0]
+    return jnp.repeat(jnp.arange(g), group_sizes, total_repeat_length=rows)
+
+
+def _gmm_f32(a, b, group_sizes, impl):
+    return gmm(a, b, group_sizes, impl=impl, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fp8_grouped(x, w, group_sizes, mode: str, impl: str):
+    return _fp8_grouped_fwd(x, w, group_sizes, mode, impl)[0]
+
+
+def _fp8_grouped_fwd(x, w, group_sizes, mode, impl):
+    per_row = (1,) if mode == "fp8_rowwise" else None
+    xq, sx = quantize(x, per_row)                                # [M, 1] or [1, 1]
+    wq, sw = quantize(w, (1,) if mode == "fp8_rowwise" else (1, 2))  # [G, 1, N] or [G, 1, 1]
+    e = _row_expert(group_sizes, x.shape[0])
+    y = _gmm_f32(xq, wq, group_sizes, impl) * sx * sw[e, 0, :]
+    return y.astype(x.dtype), (x, w, group_sizes)
+
+
+def _fp8_grouped_bwd(mode, impl, res, dy):
+    x, w, group_sizes = res
+    e = _row_expert(group_sizes, x.shape[0])
+    rowwise = mode == "fp8_rowwise"
+    # dx = dy W^T keeps M (rows of dy) and K (rows of each expert's W).
+    dyq, sdy = quantize(dy, (1,) if rowwise else None)
+    wq, sw = quantize(w, (2,) if rowwise else (1, 2))            # [G, K, 1] or [G, 1, 1]
+    dx = _gmm_f32(dyq, jnp.swapaxes(wq, 1, 2), group_sizes, impl) * sdy * sw[e, :, 0]
+    # dW_g = x_g^T dy_g keeps K (columns of x) and N (columns of dy); scales over all rows.
+    xq, sx = quantize(x, (0,) if rowwise else None)              # [1, K] or [1, 1]
+    dyq2, sdy2 = quantize(dy, (0,) if rowwise else None)         # [1, N] or [1, 1]
+    dw = tgmm(xq, dyq2, group_sizes, impl=impl, preferred_element_type=jnp.float32)
+    dw = dw * sx[0][None, :, None] * sdy2[0][None, None, :]
+    return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+_fp8_grouped.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)

@@ -79,7 +79,8 @@ def model_defaults() -> mlc.ConfigDict:
     m.dtype = "float32"              # compute dtype (bf16 on accelerators)
     m.param_dtype = "float32"        # parameters are kept in f32
     # Projections' matmuls (arch/precision.py): bf16 (= in model.dtype) | fp8_tensorwise |
-    # fp8_rowwise | fp8_blockwise; embeddings, head, router, experts stay in model.dtype.
+    # fp8_rowwise | fp8_blockwise (MoE experts: up to rowwise); embeddings, head and router
+    # stay in model.dtype.
     m.matmul_precision = "bf16"
     # Norms.
     m.norm = "rmsnorm"               # rmsnorm | layernorm

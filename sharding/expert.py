@@ -96,21 +96,25 @@ def expert_mesh():
 
 
 # ----------------------------------------------------------------------------- hooks
-def dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, gmm_impl: str = "auto"):
+def dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, gmm_impl: str = "auto",
+                 precision: str = "bf16"):
     """arch.moe_dispatch.dropless_moe, expert-parallel when an expert mesh is active."""
     mesh = expert_mesh()
+    kw = dict(gmm_impl=gmm_impl, precision=precision)
     if mesh is None:
-        return _dropless_moe_local(x, experts, weights, w, act, gmm_impl=gmm_impl)
-    return ep_dropless_moe(x, experts, weights, w, act, mesh=mesh, gmm_impl=gmm_impl)
+        return _dropless_moe_local(x, experts, weights, w, act, **kw)
+    return ep_dropless_moe(x, experts, weights, w, act, mesh=mesh, **kw)
 
 
-def capacity_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, capacity: int, valid=None):
+def capacity_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, capacity: int, valid=None,
+                 precision: str = "bf16"):
     """arch.moe_dispatch.capacity_moe, expert-parallel when an expert mesh is active."""
     mesh = expert_mesh()
     if mesh is None:
-        return _capacity_moe_local(x, experts, weights, w, act, capacity=capacity, valid=valid)
+        return _capacity_moe_local(x, experts, weights, w, act, capacity=capacity, valid=valid,
+                                   precision=precision)
     return ep_capacity_moe(x, experts, weights, w, act, mesh=mesh, capacity=capacity, valid=valid,
-                           scope=_SCOPE.get())
+                           scope=_SCOPE.get(), precision=precision)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -162,7 +166,7 @@ def _run_experts(fn, tensor):
 
 # ----------------------------------------------------------------------------- capacity
 def ep_capacity_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, mesh, capacity: int,
-                    valid=None, scope: str = "global"):
+                    valid=None, scope: str = "global", precision: str = "bf16"):
     """Capacity-limited MoE with experts split over the mesh's `expert` axis.
 
     Args:
@@ -172,6 +176,7 @@ def ep_capacity_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, mes
       capacity: C, slots per expert over all N tokens (arch.moe_dispatch.expert_capacity).
       valid: optional [N] bool; padding takes no capacity.
       scope: "global" (the single-device drops) or "shard" (capacity ceil(C/S) per token shard).
+      precision: model.matmul_precision of the expert matmuls (arch/precision.py).
     Returns:
       y [N, D], keep [N, K] bool (as arch.moe_dispatch.capacity_moe).
     """
@@ -201,7 +206,8 @@ def ep_capacity_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, mes
         send = send.reshape(ep, e_loc * c_pair, d)                      # [EP dest, E_loc*Cp, D]
         recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)     # [EP source, E_loc*Cp, D]
         buf = recv.reshape(ep, e_loc, c_pair, d).swapaxes(0, 1).reshape(e_loc, ep * c_pair, d)
-        out = _run_experts(expert_ffn_buffered, tensor)(buf, w, act)   # [E_loc, EP*Cp, D]
+        ffn = functools.partial(expert_ffn_buffered, precision=precision)
+        out = _run_experts(ffn, tensor)(buf, w, act)                    # [E_loc, EP*Cp, D]
         out = out.reshape(e_loc, ep, c_pair, d).swapaxes(0, 1).reshape(ep, e_loc * c_pair, d)
         back = jax.lax.all_to_all(out, "expert", 0, 0, tiled=True)      # [EP, E_loc*Cp, D] = [E*Cp, D]
         y_assign = back.reshape(e * c_pair, d).at[slot].get(mode="fill", fill_value=0)  # [n, K, D]
@@ -245,12 +251,12 @@ def _global_capacity_slots(experts, valid, num_experts: int, capacity: int, c_pa
 
 # ----------------------------------------------------------------------------- dropless
 def ep_dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, mesh,
-                    gmm_impl: str = "auto"):
+                    gmm_impl: str = "auto", precision: str = "bf16"):
     """Dropless MoE with experts split over the mesh's `expert` axis (padded all_to_all).
 
     Args:
       x: [N, D]; experts, weights: [N, K] (distinct experts per token); w: [E, ...] weights.
-      gmm_impl: the grouped matmul's impl (arch.moe_dispatch.expert_ffn_grouped).
+      gmm_impl, precision: the grouped matmuls' impl and precision (arch.moe_dispatch.expert_ffn_grouped).
     Returns:
       [N, D] = sum_k weights[n, k] * FFN_{experts[n, k]}(x[n]), as arch.moe_dispatch.dropless_moe.
     """
@@ -280,7 +286,7 @@ def ep_dropless_moe(x, experts, weights, w: ExpertWeights, act: Callable, *, mes
         # Group the received rows by local expert; padding (id E_loc) sorts last, in no group.
         order2 = jnp.argsort(rids, stable=True)
         group_sizes = jnp.zeros((e_loc,), jnp.int32).at[rids].add(1, mode="drop")
-        ffn = functools.partial(expert_ffn_grouped, gmm_impl=gmm_impl)
+        ffn = functools.partial(expert_ffn_grouped, gmm_impl=gmm_impl, precision=precision)
         inverse2 = jnp.argsort(order2)
         out = _run_experts(ffn, tensor)(permute_rows(recv, order2, inverse2), group_sizes, w, act)
         out = permute_rows(out, inverse2, order2)                         # back to arrival order
