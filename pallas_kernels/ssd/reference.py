@@ -157,6 +157,13 @@ def chunk_scalars(dt, A, seq, chunk_size: int) -> ChunkScalars:
     return ChunkScalars(flat(cum), flat(dt), seq, flat(w_end), flat(decay_in), gate)
 
 
+def padded_seq_index(segment_ids, batch: int, length: int, chunk_size: int):
+    """seq_index padded to whole chunks with its last value (no boundary in the padding)."""
+    t_pad = -(-length // chunk_size) * chunk_size
+    seq = seq_index(segment_ids, batch, length)
+    return jnp.pad(seq, [(0, 0), (0, t_pad - length)], mode="edge")
+
+
 def pad_to_chunks(x, dt, B, C, segment_ids, chunk_size: int):
     """Pad the time axis to whole chunks: x, B, C with zeros, dt with 0 (padding changes
     no state), segment ids with the last one (no boundary). Returns the padded arrays
@@ -165,9 +172,7 @@ def pad_to_chunks(x, dt, B, C, segment_ids, chunk_size: int):
     t_pad = -(-t // chunk_size) * chunk_size
     widths = lambda a: [(0, 0), (0, t_pad - t)] + [(0, 0)] * (a.ndim - 2)
     x, dt, B, C = (jnp.pad(a, widths(a)) for a in (x, dt, B, C))
-    seq = seq_index(segment_ids, b, t)
-    seq = jnp.pad(seq, [(0, 0), (0, t_pad - t)], mode="edge")
-    return x, dt, B, C, seq
+    return x, dt, B, C, padded_seq_index(segment_ids, b, t, chunk_size)
 
 
 def ssd_chunked(x, dt, A, B, C, *, chunk_size: int, D=None, segment_ids=None,
